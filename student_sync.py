@@ -1036,14 +1036,20 @@ def email_for(student_number: int, settings: Settings) -> str:
     return f"{student_number}{settings.google.email_suffix}"
 
 
+def _not_a_number(column: str, value: Any) -> str:
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return f"{column} is empty"
+    return f"{column} {value!r} is not a whole number"
+
+
 def _row_status(row: StudentRow, settings: Settings, today: dt.date) -> dict[str, Any]:
     """Weigh one row: graduated, active, should be active.  Raises ValueError on bad data."""
     status = _as_int(row.enroll_status)
     if status is None:
-        raise ValueError(f"ENROLL_STATUS {row.enroll_status!r} is not a whole number")
+        raise ValueError(_not_a_number("ENROLL_STATUS", row.enroll_status))
     school_number = _as_int(row.school_id)
     if school_number is None:
-        raise ValueError(f"SCHOOLID {row.school_id!r} is not a school number")
+        raise ValueError(_not_a_number("SCHOOLID", row.school_id))
     graduated_name = settings.accounts.graduated_school_name.lower()
     graduated = status == 3 or (
         row.school is not None and bool(graduated_name) and row.school.name.lower() == graduated_name
@@ -1070,8 +1076,10 @@ def _target_ou(row: StudentRow, weighed: Mapping[str, Any], settings: Settings) 
     if weighed["status"] == -1 or weighed["school_number"] in settings.accounts.no_grade_ou_schools:
         return building
     grade = _as_int(row.grade_level)
-    if grade is None or grade not in ous.grades:
-        raise ValueError(f"grade {row.grade_level!r} has no OU in [ous] grades")
+    if grade is None:
+        raise ValueError(_not_a_number("GRADE_LEVEL", row.grade_level))
+    if grade not in ous.grades:
+        raise ValueError(f"grade {grade} has no OU in [ous] grades")
     return building + ous.grades[grade]
 
 
@@ -1113,9 +1121,10 @@ def decide(rows: Sequence[StudentRow], settings: Settings, today: dt.date,
     attributes = {schema.school_field: str(status["school_number"])}
     if status["class_of"] is not None:
         attributes[schema.grad_year_field] = str(status["class_of"])
+    elif row.class_of is None:
+        notice(WARNING, "CLASSOF is empty in PowerSchool: graduation year left out")
     else:
-        notice(WARNING, f"CLASSOF is {row.class_of!r}: graduation year left out"
-               + ("" if row.class_of is None else " (not a year)"))
+        notice(WARNING, f"CLASSOF {row.class_of!r} is not a year: graduation year left out")
     return Decision(
         student_number=student_number, email=email,
         first_name=normalize_name(row.first_name), last_name=normalize_name(row.last_name),
@@ -1323,6 +1332,7 @@ class RetryPolicy:
     """Exponential backoff with jitter, as Google advises: 2**n s + up to 1 s, n = 0, 1, 2..."""
 
     attempts: int = 6
+    refused_attempts: int = 2
     max_delay: float = 32.0
     sleep: Callable[[float], None] = time.sleep
     jitter: Callable[[], float] = random.random
@@ -1332,14 +1342,19 @@ class RetryPolicy:
         return min(2.0 ** retry, self.max_delay) + self.jitter()
 
     def call(self, request: Callable[[], Any], *, limiters: Sequence[RateLimiter] = ()) -> Any:
-        """Run `request`, retrying what is worth retrying; the last error propagates."""
+        """Run `request`, retrying what is worth retrying; the last error propagates.
+
+        A refused connection is tried only `refused_attempts` times: it rarely heals in
+        a minute, and a wrong endpoint should fail fast.
+        """
         for attempt in range(self.attempts):
             for limiter in ((self.limiter,) if self.limiter else ()) + tuple(limiters):
                 limiter.acquire()
             try:
                 return request()
             except Exception as exc:
-                if attempt + 1 >= self.attempts or not is_retryable(exc):
+                last = self.refused_attempts if isinstance(exc, ConnectionRefusedError) else self.attempts
+                if attempt + 1 >= last or not is_retryable(exc):
                     raise
                 wait = self.delay(attempt)
                 log.debug("retrying in %.1f s after %s", wait,
@@ -1656,6 +1671,77 @@ def _check_safety(plan_: Plan, rows: Sequence[StudentRow], scope: Scope,
             "right (for example graduates on September 1), run again with --allow-mass-changes")
 
 
+class RunLock:
+    """One run at a time per logs folder.
+
+    An operating-system lock on a file: the system releases it when the holder ends, so
+    a run that crashed or was killed never blocks the next night's run.
+    """
+
+    _OFFSET = 1 << 20  # Windows locks byte ranges: lock one far from the holder's note
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._file: Any = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        stream = open(self.path, "a+", encoding="utf-8")
+        try:
+            self._lock(stream)
+        except OSError:
+            stream.seek(0)
+            holder = stream.read(500).strip() or "unknown"
+            stream.close()
+            raise StopRun(f"another student_sync run holds {self.path} ({holder}); "
+                          "this run stops without changing anything") from None
+        stream.seek(0)
+        stream.truncate()
+        stream.write(f"pid {os.getpid()} on {socket.gethostname()}, started {dt.datetime.now():%Y-%m-%d %H:%M:%S}")
+        stream.flush()
+        self._file = stream
+
+    def release(self) -> None:
+        if self._file is None:
+            return
+        try:
+            self._file.seek(0)
+            self._file.truncate()
+            self._unlock(self._file)
+        finally:
+            self._file.close()
+            self._file = None
+
+    def _lock(self, stream: Any) -> None:
+        if os.name == "nt":
+            import msvcrt
+
+            stream.seek(self._OFFSET)
+            msvcrt.locking(stream.fileno(), msvcrt.LK_NBLCK, 1)
+        else:
+            import fcntl
+
+            fcntl.flock(stream.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+    def _unlock(self, stream: Any) -> None:
+        if os.name == "nt":
+            import msvcrt
+
+            stream.seek(self._OFFSET)
+            msvcrt.locking(stream.fileno(), msvcrt.LK_UNLCK, 1)
+        else:
+            import fcntl
+
+            fcntl.flock(stream.fileno(), fcntl.LOCK_UN)
+
+    def __enter__(self) -> "RunLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
 def _run_authorize(settings: Settings) -> int:
     if settings.google.auth != "oauth":
         log.error('--authorize is for [google] auth = "oauth"; this settings file uses "%s"',
@@ -1776,7 +1862,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         log.debug("student_sync %s, settings %s, arguments %s", __version__, settings.path,
                   " ".join(argv if argv is not None else sys.argv[1:]))
-        return run(args, settings)
+        if args.dry_run:
+            return run(args, settings)
+        with RunLock(settings.logging.dir / "student_sync.lock"):
+            return run(args, settings)
     except StopRun as exc:
         log.error("%s", exc)
         return exc.exit_code

@@ -1,0 +1,86 @@
+"""Run student_sync end to end on a sample district, on any machine, with no accounts.
+
+Builds a sample PowerSchool (SQLite) and starts a local Directory API server with sample
+accounts, then runs student_sync.py exactly as a district would: a dry run, the real
+run, and a second run that finds nothing to do.
+
+    python demo.py            # keeps its files in a temporary folder and prints where
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from testkit import district
+from testkit.directory_server import DirectoryServer
+
+HERE = Path(__file__).resolve().parent
+
+
+def run_sync(settings: Path, *arguments: str) -> int:
+    """student_sync.py in a child process, as Task Scheduler would start it."""
+    command = [sys.executable, str(HERE / "student_sync.py"), "--all", "--config", str(settings), *arguments]
+    print(f"\n$ python student_sync.py --all {' '.join(arguments)}", flush=True)
+    environment = dict(os.environ, NEW_USER_PASSWORD="Demo-Start-2026!")
+    return subprocess.run(command, env=environment).returncode
+
+
+def writes(server: DirectoryServer) -> int:
+    return sum(1 for r in server.requests if r.method in ("POST", "PUT", "PATCH", "DELETE"))
+
+
+def main() -> int:
+    folder = Path(tempfile.mkdtemp(prefix="student_sync_demo_"))
+    today = dt.date.today()
+    senior_class = today.year + (1 if today.month >= 7 else 0)
+    with DirectoryServer(domain=district.DOMAIN) as server:
+        cases = district.build_demo_district(folder, server, senior_class)
+        settings = district.write_settings(folder / "student_sync.toml", server.url)
+        print(f"Sample district in {folder}: {len(server.users())} Google accounts, local Directory API "
+              f"at {server.url}")
+        for case, numbers in cases.items():
+            print(f"  {case:>10}: {', '.join(numbers)}")
+
+        problems = []
+        code = run_sync(settings, "--dry-run", "--report", str(folder / "dry-run.csv"))
+        if writes(server):
+            problems.append("the dry run wrote to the directory")
+        print(f"-> exit {code}; {writes(server)} writes (a dry run changes nothing)")
+
+        code = run_sync(settings, "--report", str(folder / "run.csv"))
+        applied = writes(server)
+        print(f"-> exit {code}; {applied} writes")
+
+        server.clear_requests()
+        code = run_sync(settings)
+        print(f"-> exit {code}; {writes(server)} writes, {len(server.requests)} read calls")
+        if writes(server):
+            problems.append("the second run still had changes to make")
+
+        print("\nEnd state of some accounts:")
+        for case in ("create", "move", "unsuspend", "suspend", "graduate", "frozen"):
+            number = cases[case][0]
+            user = server.user(f"{number}{district.SUFFIX}")
+            state = "suspended" if user["suspended"] else "active"
+            print(f"  {case:>10} {number}: {user['name']['givenName']} {user['name']['familyName']}, "
+                  f"{state}, {user['orgUnitPath']}")
+        suspended = cases["suspend"][0]
+        print(f"  groups of withdrawn {suspended}: {sorted(server.groups_of(f'{suspended}{district.SUFFIX}')) or 'none'}")
+
+    print(f"\nExit 1 above is expected: student {cases['bad data'][0]} has no ENROLL_STATUS in the sample "
+          "PowerSchool, and the tool reports it as failed every night until it is fixed.")
+    print(f"Logs, reports and settings: {folder}")
+    if problems:
+        print("DEMO FAILED: " + "; ".join(problems))
+        return 1
+    print("Demo finished: dry run, real run, and a second run with nothing to do.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

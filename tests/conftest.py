@@ -1,0 +1,91 @@
+"""Fixtures: a local Directory API server, a SQLite PowerSchool, and a way to run the CLI."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import student_sync  # noqa: E402
+from testkit import district  # noqa: E402
+from testkit.directory_server import DirectoryServer  # noqa: E402
+
+PASSWORD = "Welcome-Sync-2026"
+WHS_9 = district.building_ou("WHS") + "/9th"
+WHS_10 = district.building_ou("WHS") + "/10th"
+LMS_7 = district.building_ou("LMS") + "/7th"
+FROZEN = district.building_ou("WHS") + "/Restricted"
+SCHOOLS = [
+    (101, "Washington High School", "WHS", 0),
+    (102, "Lincoln Middle School", "LMS", None),
+    (901, "Early Childhood Center", "ECC", 1),
+    (999999, "Graduated Students", "GRAD", 1),
+]
+
+
+def email(number: int) -> str:
+    return f"{number}{district.SUFFIX}"
+
+
+@dataclass
+class Result:
+    code: int
+    output: str
+
+
+class Sync:
+    """A district under test: PowerSchool rows, Google accounts, and the command line."""
+
+    def __init__(self, folder: Path, server: DirectoryServer, capsys: Any):
+        self.folder = folder
+        self.server = server
+        self.capsys = capsys
+        self.ps = district.PowerSchool(folder / "powerschool.sqlite3")
+        for school in SCHOOLS:
+            self.ps.school(*school)
+        self.settings_path = self.settings()
+
+    def settings(self, overrides: dict | None = None, remove: tuple = ()) -> Path:
+        self.settings_path = district.write_settings(self.folder / "student_sync.toml", self.server.url,
+                                                     overrides, remove)
+        return self.settings_path
+
+    def student(self, number: Any, first: Any = "Ann", last: Any = "Lee", class_of: Any = 2030,
+                status: Any = 0, school: Any = 101, grade: Any = 9) -> None:
+        self.ps.student(number, first, last, class_of, status, school, grade)
+
+    def account(self, number: int, given: str = "Ann", family: str = "Lee", org_unit: str = WHS_9,
+                suspended: bool = False, school: int = 101, class_of: int | None = 2030) -> None:
+        self.server.add_user(email(number), given=given, family=family, org_unit=org_unit,
+                             suspended=suspended, custom=district.attributes(school, class_of))
+
+    def run(self, *arguments: str) -> Result:
+        self.ps.connection.commit()
+        self.capsys.readouterr()
+        code = student_sync.main(["--config", str(self.settings_path), *arguments])
+        captured = self.capsys.readouterr()
+        return Result(code, captured.out + captured.err)
+
+    def writes(self) -> list:
+        return [r for r in self.server.requests if r.method in ("POST", "PUT", "PATCH", "DELETE")]
+
+
+@pytest.fixture
+def server():
+    with DirectoryServer(domain=district.DOMAIN) as srv:
+        district.prepare_directory(srv, [s[2] for s in SCHOOLS], frozen=[FROZEN])
+        yield srv
+
+
+@pytest.fixture
+def sync(tmp_path, server, capsys, monkeypatch):
+    monkeypatch.setenv("NEW_USER_PASSWORD", PASSWORD)
+    district_ = Sync(tmp_path, server, capsys)
+    yield district_
+    district_.ps.close()
