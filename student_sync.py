@@ -1077,7 +1077,7 @@ def _target_ou(row: StudentRow, weighed: Mapping[str, Any], settings: Settings) 
         return building
     grade = _as_int(row.grade_level)
     if grade is None:
-        raise ValueError(_not_a_number("GRADE_LEVEL", row.grade_level))
+        raise ValueError(_not_a_number("grade (GRADE_LEVEL)", row.grade_level))
     if grade not in ous.grades:
         raise ValueError(f"grade {grade} has no OU in [ous] grades")
     return building + ous.grades[grade]
