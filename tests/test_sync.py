@@ -349,9 +349,27 @@ def test_no_change_run_makes_only_list_calls(sync):
     assert result.code == 0
     assert sync.writes() == []
     user_lists = [r for r in sync.server.requests if r.path == "/admin/directory/v1/users"]
-    assert len(user_lists) == math.ceil(1100 / 500)
+    # Listed from both ends at once: each end may read one page past the meeting point.
+    assert len(user_lists) <= math.ceil(1100 / 500) + 2
     assert all(r.method == "GET" and r.query["maxResults"] == "500" for r in user_lists)
-    assert len(sync.server.requests) <= math.ceil(1100 / 500) + 2
+    assert len(sync.server.requests) == len(user_lists) + 1   # and one orgunits.list
+    assert "1100 already in step" in result.output
+
+
+def test_listing_from_both_ends_reads_every_account_of_the_domain(sync):
+    # Students, staff and odd addresses spread over the whole email order.
+    numbers = list(range(100, 1300, 1))
+    for number in numbers:
+        sync.student(number, grade=9)
+        sync.account(number)
+    for name in ["aaron", "zed", "_svc", "mid.dle", "o'hara"]:
+        sync.server.add_user(f"{name}@d118.org", given="Staff", family="Member", org_unit="/")
+
+    result = sync.run("--all", "-v")
+
+    assert result.code == 0, result.output
+    assert sync.writes() == []
+    assert f"{len(numbers) + 5} accounts" in result.output
 
 
 def _discovery():
