@@ -1310,6 +1310,30 @@ def change_for(decision: Decision, account: Account | None, settings: Settings,
     return Change(decision.student_number, account.email, "update", tuple(labels), before, after)
 
 
+def holds_values(account: Account | None, values: Mapping[str, Any]) -> bool:
+    """Does the account hold these values, in a change's before/after shape?
+
+    OU paths compare case-insensitively, names exactly, attributes as text; a
+    `None` attribute means the field is absent.
+    """
+    if account is None:
+        return False
+    for key, value in values.items():
+        if key == "suspended" and account.suspended != value:
+            return False
+        if key == "orgUnitPath" and account.org_unit.lower() != str(value).lower():
+            return False
+        if key == "name" and (account.given_name, account.family_name) != (
+                value.get("givenName"), value.get("familyName")):
+            return False
+        if key == "customSchemas":
+            for fields in value.values():
+                for name, text in fields.items():
+                    if account.attributes.get(name) != (None if text is None else str(text)):
+                        return False
+    return True
+
+
 def plan(rows: Iterable[StudentRow], directory: Directory, settings: Settings,
          today: dt.date, scope: Scope) -> Plan:
     """Every change the scope needs, as a value.  No I/O, no clock, no environment."""
@@ -1449,14 +1473,20 @@ class RetryPolicy:
 
 @dataclass
 class Outcome:
+    """What became of one change: "applied", "failed: <reason>", "stale: <reason>" or "planned"."""
+
     change: Change
-    result: str  # "applied", "failed: <reason>", "planned"
-    groups_removed: int = 0
+    result: str
+    groups_removed: tuple[str, ...] = ()
     note: str = ""
 
     @property
     def ok(self) -> bool:
         return self.result == "applied"
+
+    @property
+    def failed(self) -> bool:
+        return self.result.startswith("failed")
 
 
 class Applier:
@@ -1527,7 +1557,12 @@ class Applier:
         resource = self.policy.call(lambda: self.client.execute(get))
         account = account_from_resource(resource, self.settings.custom_schema.category)
         notices: list[Notice] = []
-        decision = self.decisions[change.email.lower()]
+        decision = self.decisions.get(change.email.lower())
+        if decision is None:
+            # A reviewed plan: no PowerSchool decision to fall back on, only the plan.
+            if holds_values(account, {k: v for k, v in change.after.items() if k != "primaryEmail"}):
+                return Outcome(change, "applied", note="account already existed as planned")
+            return Outcome(change, "stale: the account exists now, unlike when the plan was made")
         follow_up = change_for(decision, account, self.settings, self.directory.org_units, notices)
         for notice in notices:
             _log_notice(notice)
@@ -1541,7 +1576,7 @@ class Applier:
     def _suspend(self, change: Change) -> Outcome:
         from googleapiclient.errors import HttpError
 
-        removed = 0
+        removed: list[str] = []
         if change.remove_groups:
             # Groups go first: if a removal fails the account stays active, and the next
             # run, seeing it active, removes and suspends again.
@@ -1550,14 +1585,14 @@ class Applier:
                 delete = members.delete(groupKey=group, memberKey=change.email)
                 try:
                     self.policy.call(lambda: self.client.execute(delete))
-                    removed += 1
+                    removed.append(group)
                 except HttpError as exc:
                     if _http_error_parts(exc)[0] == 404:
                         continue  # already gone
                     return Outcome(change, f"failed: removing from group {group}: "
-                                           f"{describe_http_error(exc)}; not suspended", removed)
+                                           f"{describe_http_error(exc)}; not suspended", tuple(removed))
         self._update(change.email, change.after)
-        return Outcome(change, "applied", removed)
+        return Outcome(change, "applied", tuple(removed))
 
     def _groups_of(self, email: str) -> list[str]:
         groups_api = self.client.resource("groups")
@@ -1568,6 +1603,248 @@ class Applier:
             groups.extend(g["email"] for g in answer.get("groups", []) or [] if g.get("email"))
             request = groups_api.list_next(request, answer)
         return groups
+
+
+# =============================================================================
+# Review and undo: plan files, the journal, school counts
+# =============================================================================
+
+PLAN_FORMAT = "student_sync plan 1"
+
+
+def _jsonable(value: Any) -> Any:
+    """Plain JSON values from settings records, sets and read-only mappings."""
+    if dataclasses.is_dataclass(value):
+        return {f.name: _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)
+                if f.name != "raw"}
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in sorted(value.items(), key=lambda item: str(item[0]))}
+    if isinstance(value, (set, frozenset)):
+        return sorted(_jsonable(v) for v in value)
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def settings_fingerprint(settings: Settings) -> str:
+    """A digest of the settings that decide what a change is (not logging, limits or auth)."""
+    import hashlib
+
+    deciding = {
+        "domain": settings.google.domain,
+        "email_suffix": settings.google.email_suffix,
+        "accounts": _jsonable(settings.accounts),
+        "ous": _jsonable(settings.ous),
+        "custom_schema": _jsonable(settings.custom_schema),
+    }
+    text = json.dumps(deciding, sort_keys=True, ensure_ascii=True)
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def change_to_json(change: Change) -> dict[str, Any]:
+    return {
+        "student_number": change.student_number, "email": change.email, "action": change.action,
+        "labels": list(change.labels), "before": _jsonable(change.before),
+        "after": _jsonable(change.after), "remove_groups": change.remove_groups,
+        "detail": change.describe(),
+    }
+
+
+def change_from_json(entry: Mapping[str, Any]) -> Change:
+    """A Change from a plan file or journal entry; KeyError/TypeError/ValueError when malformed."""
+    action = entry["action"]
+    if action not in ("create", "update", "suspend"):
+        raise ValueError(f"unknown action {action!r}")
+    if not isinstance(entry["before"], dict) or not isinstance(entry["after"], dict):
+        raise ValueError("before and after must be objects")
+    return Change(
+        student_number=int(entry["student_number"]), email=str(entry["email"]), action=action,
+        labels=tuple(str(label) for label in entry["labels"]), before=entry["before"],
+        after=entry["after"], remove_groups=bool(entry.get("remove_groups", False)),
+    )
+
+
+def write_plan_file(path: Path, plan_: Plan, *, scope: Scope, today: dt.date,
+                    settings: Settings, run_id: str) -> None:
+    """The plan as JSON, for review and for --apply-plan."""
+    counts: Counter[str] = Counter(label for c in plan_.changes for label in c.labels)
+    document = {
+        "format": PLAN_FORMAT,
+        "run_id": run_id,
+        "created": dt.datetime.now().isoformat(timespec="seconds"),
+        "run_date": today.isoformat(),
+        "scope": {"kind": scope.kind, "schools": sorted(scope.school_numbers)},
+        "domain": settings.google.domain,
+        "settings_fingerprint": settings_fingerprint(settings),
+        "counts": dict(sorted(counts.items())),
+        "changes": [change_to_json(c) for c in plan_.changes],
+        "notices": [dataclasses.asdict(n) for n in plan_.notices],
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(document, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def read_plan_file(path: Path, settings: Settings) -> tuple[dict[str, Any], list[Change]]:
+    """A reviewed plan, checked against the current settings."""
+    try:
+        document = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise StopRun(f"plan file {path} not found") from None
+    except (OSError, ValueError) as exc:
+        raise StopRun(f"plan file {path} cannot be read: {exc}") from None
+    if not isinstance(document, dict) or document.get("format") != PLAN_FORMAT:
+        raise StopRun(f"plan file {path} is not a student_sync plan (format {PLAN_FORMAT!r})")
+    if document.get("settings_fingerprint") != settings_fingerprint(settings):
+        raise StopRun(
+            f"plan file {path} was made with other settings (fingerprint "
+            f"{document.get('settings_fingerprint')}, now {settings_fingerprint(settings)}): "
+            "make a new plan with the current settings")
+    try:
+        changes = [change_from_json(entry) for entry in document["changes"]]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise StopRun(f"plan file {path} has a malformed change: {exc}") from None
+    return document, changes
+
+
+class Journal:
+    """Every applied change of a run, one JSON line each, in the logs folder."""
+
+    def __init__(self, folder: Path, run_id: str, kind: str):
+        folder.mkdir(parents=True, exist_ok=True)
+        self.path = folder / f"journal-{run_id}.jsonl"
+        self.run_id, self.kind = run_id, kind
+
+    def record(self, outcome: Outcome) -> None:
+        entry = change_to_json(outcome.change)
+        entry.update(run_id=self.run_id, kind=self.kind, result=outcome.result,
+                     time=dt.datetime.now().isoformat(timespec="seconds"),
+                     groups_removed=list(outcome.groups_removed), note=outcome.note)
+        with open(self.path, "a", encoding="utf-8") as stream:
+            stream.write(json.dumps(entry, ensure_ascii=False) + "\n")
+
+
+def read_journal(folder: Path, run_id: str) -> list[dict[str, Any]]:
+    if not re.fullmatch(r"[0-9A-Za-z_-]+", run_id):
+        raise StopRun(f"{run_id!r} is not a run id (like 20261128-020003)")
+    path = folder / f"journal-{run_id}.jsonl"
+    if not path.is_file():
+        known = sorted(p.stem[len("journal-"):] for p in folder.glob("journal-*.jsonl"))[-5:]
+        raise StopRun(f"no journal for run {run_id} in {folder}"
+                      + (f" (latest runs: {', '.join(known)})" if known else ""))
+    entries = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if line.strip():
+            try:
+                entries.append(json.loads(line))
+            except ValueError:
+                raise StopRun(f"journal {path} line {number} is not valid JSON") from None
+    return entries
+
+
+_OPPOSITE = {"suspend": "unsuspend", "unsuspend": "suspend"}
+
+
+def undo_changes(entries: Sequence[Mapping[str, Any]], directory: Directory) -> tuple[list[Change], list[Notice]]:
+    """The changes that reverse a run's applied changes, and what cannot be reversed.
+
+    Created accounts are suspended, never deleted.  An account changed since the run
+    is reported and left alone.
+    """
+    changes: list[Change] = []
+    notices: list[Notice] = []
+    for entry in reversed(entries):
+        if entry.get("result") != "applied":
+            continue
+        try:
+            done = change_from_json(entry)
+        except (KeyError, TypeError, ValueError) as exc:
+            notices.append(Notice(ERROR, str(entry.get("student_number", "?")), str(entry.get("email", "")),
+                                  f"journal entry cannot be read: {exc}"))
+            continue
+        number, email = str(done.student_number), done.email
+        account = directory.accounts.get(email.lower())
+        if account is None:
+            notices.append(Notice(WARNING, number, email, "not undone: the account no longer exists"))
+            continue
+        after = {k: v for k, v in done.after.items() if k not in ("primaryEmail", "changePasswordAtNextLogin")}
+        if not holds_values(account, after):
+            notices.append(Notice(WARNING, number, email, "not undone: the account was changed since that run"))
+            continue
+        if done.action == "create":
+            changes.append(Change(done.student_number, account.email, "suspend", ("suspend",),
+                                  {"suspended": False}, {"suspended": True}))
+            continue
+        labels = tuple(_OPPOSITE.get(label, label) for label in done.labels)
+        action = "suspend" if "suspend" in labels else "update"
+        changes.append(Change(done.student_number, account.email, action, labels,
+                              dict(done.after), dict(done.before)))
+        if entry.get("groups_removed"):
+            notices.append(Notice(WARNING, number, email, "was removed from groups "
+                                  + ", ".join(entry["groups_removed"]) + " by that run: not re-added"))
+    return changes, notices
+
+
+def active_counts(rows: Iterable[StudentRow], scope: Scope) -> dict[int, int]:
+    """Active students (ENROLL_STATUS 0 or -1) per school of the scope."""
+    students: dict[int, set[int]] = {n: set() for n in scope.school_numbers}
+    for row in rows:
+        number = _as_int(row.student_number)
+        if row.school is None or row.school.number not in students or number is None:
+            continue
+        if _as_int(row.enroll_status) in (0, -1):
+            students[row.school.number].add(number)
+    return {school: len(numbers) for school, numbers in students.items()}
+
+
+def school_drops(previous: Mapping[int, int], current: Mapping[int, int], percent: float) -> list[str]:
+    """Schools that had at least 20 active students and lost more than `percent` of them."""
+    drops = []
+    for school, now in sorted(current.items()):
+        before = previous.get(school)
+        if before is None or before < 20:
+            continue
+        if now == 0 or now < before * (1 - percent / 100):
+            lost = 100 * (before - now) / before
+            drops.append(f"school {school}: {before} -> {now} active students (-{lost:.0f}%)")
+    return drops
+
+
+def load_school_counts(path: Path) -> dict[int, int]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return {int(k): int(v) for k, v in data.get("active_students", {}).items()}
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError, AttributeError, TypeError):
+        log.warning("school counts in %s cannot be read; starting them again", path)
+        return {}
+
+
+def save_school_counts(path: Path, counts: Mapping[int, int]) -> None:
+    merged = load_school_counts(path)
+    merged.update(counts)
+    document = {"updated": dt.datetime.now().isoformat(timespec="seconds"),
+                "active_students": {str(k): v for k, v in sorted(merged.items())}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(document, indent=1) + "\n", encoding="utf-8")
+
+
+def unowned_accounts(directory: Directory, rows: Iterable[StudentRow], settings: Settings) -> list[Account]:
+    """Accounts under the student OU prefix whose address is no PowerSchool student's."""
+    numbers = {n for n in (_as_int(r.student_number) for r in rows) if n is not None}
+    prefix = settings.ous.student_prefix.lower()
+    suffix = settings.google.email_suffix
+    found = []
+    for key, account in sorted(directory.accounts.items()):
+        if not (account.org_unit.lower() + "/").startswith(prefix):
+            continue
+        local, _, domain = key.partition("@")
+        number = _as_int(local) if "@" + domain == suffix and local.isdigit() else None
+        if number is None or number not in numbers:
+            found.append(account)
+    return found
 
 
 # =============================================================================
@@ -1589,7 +1866,8 @@ def setup_logging(verbosity: int) -> logging.Handler:
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(_ConsoleFormatter())
     handler.setLevel(level)
-    log.handlers = [h for h in log.handlers if getattr(h, "_student_sync", False) is False]
+    for old in [h for h in log.handlers if getattr(h, "_student_sync", False)]:
+        log.removeHandler(old)
     handler._student_sync = True  # type: ignore[attr-defined]
     log.addHandler(handler)
     log.setLevel(logging.DEBUG)
@@ -1597,27 +1875,37 @@ def setup_logging(verbosity: int) -> logging.Handler:
     return handler
 
 
-def open_run_log(settings: Settings, started: dt.datetime) -> tuple[logging.Handler | None, Path | None]:
-    """A timestamped log file per run in the logs folder; the oldest beyond `keep` are removed."""
+def open_run_log(settings: Settings, run_id: str) -> tuple[logging.Handler | None, Path | None]:
+    """A log file per run in the logs folder; the oldest beyond `keep` are removed."""
     folder = settings.logging.dir
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"student_sync-{started:%Y%m%d-%H%M%S}-{os.getpid()}.log"
+        path = folder / f"student_sync-{run_id}.log"
         handler = logging.FileHandler(path, encoding="utf-8")
     except OSError as exc:
-        log.warning("cannot write a log file in %s: %s", folder, exc.strerror)
+        log.warning("cannot write a log file in %s: %s", folder, exc.strerror or exc)
         return None, None
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(message)s"))
     handler.setLevel(logging.DEBUG)
     handler._student_sync = True  # type: ignore[attr-defined]
     log.addHandler(handler)
-    old = sorted(folder.glob("student_sync-*.log"))
-    for stale in old[:-settings.logging.keep] if len(old) > settings.logging.keep else []:
+    logs = sorted(folder.glob("student_sync-*.log"), key=lambda p: p.stat().st_mtime)
+    for stale in logs[:max(0, len(logs) - settings.logging.keep)]:
         try:
             stale.unlink()
         except OSError:
             pass
     return handler, path
+
+
+def new_run_id(folder: Path, now: dt.datetime) -> str:
+    """A readable, unique run id: the start time, with a counter if that second is taken."""
+    base = f"{now:%Y%m%d-%H%M%S}"
+    run_id, n = base, 1
+    while (folder / f"journal-{run_id}.jsonl").exists() or (folder / f"student_sync-{run_id}.log").exists():
+        n += 1
+        run_id = f"{base}-{n}"
+    return run_id
 
 
 def _log_notice(notice: Notice) -> None:
@@ -1626,42 +1914,143 @@ def _log_notice(notice: Notice) -> None:
     log.log(level, "student %s: %s", who, notice.message)
 
 
-def write_report(path: Path, plan_: Plan, outcomes: Sequence[Outcome]) -> None:
-    """CSV, one row per change with its outcome, plus errors, warnings and skips."""
+def _outcome_detail(outcome: Outcome) -> str:
+    detail = outcome.change.describe()
+    if outcome.note:
+        detail += f" ({outcome.note})"
+    if outcome.groups_removed:
+        detail += "; removed from " + ", ".join(outcome.groups_removed)
+    return detail
+
+
+def _log_outcome(outcome: Outcome) -> None:
+    change = outcome.change
+    text = f"{'+'.join(change.labels)} {change.email}: {_outcome_detail(outcome)}"
+    if outcome.ok:
+        log.info("%s", text)
+    elif outcome.failed:
+        log.error("student %s: %s: %s", change.student_number, text, outcome.result)
+    else:
+        log.warning("student %s: %s: %s", change.student_number, text, outcome.result)
+
+
+def write_report(path: Path, outcomes: Sequence[Outcome], notices: Sequence[Notice],
+                 unowned: Sequence[Account] = ()) -> None:
+    """CSV, one row per change with its outcome, then errors, warnings, skips and unowned accounts.
+
+    UTF-8 with a byte-order mark, so that Excel opens it cleanly.
+    """
     with open(path, "w", encoding="utf-8-sig", newline="") as stream:
         writer = csv.writer(stream)
         writer.writerow(["student_number", "email", "action", "detail", "result"])
         for outcome in outcomes:
             change = outcome.change
-            detail = change.describe() + (f" ({outcome.note})" if outcome.note else "")
-            if outcome.groups_removed:
-                detail += f"; removed from {outcome.groups_removed} group(s)"
             writer.writerow([change.student_number, change.email, "+".join(change.labels),
-                             detail, outcome.result])
-        for notice in plan_.notices:
+                             _outcome_detail(outcome), outcome.result])
+        for notice in notices:
             result = "failed: " + notice.message if notice.level == ERROR else notice.level
             writer.writerow([notice.student_number, notice.email, notice.level, notice.message, result])
+        for account in unowned:
+            writer.writerow(["", account.email, "unowned",
+                             f"in {account.org_unit}, matches no PowerSchool student", "report only"])
 
 
-def summarize(plan_: Plan, outcomes: Sequence[Outcome], dry_run: bool, seconds: float) -> tuple[str, int]:
-    """The end-of-run summary text and the number of failed students."""
+@dataclass
+class Summary:
+    """The end-of-run figures, for the log, the email and the exit code."""
+
+    counts: Counter
+    unchanged: int
+    skipped: int
+    warnings: int
+    failures: int
+    stale: int
+    seconds: float
+    dry_run: bool
+    unowned: int = 0
+
+    def text(self) -> str:
+        order = [("create", "creates"), ("move", "moves"), ("rename", "renames"),
+                 ("attributes", "attribute updates"), ("unsuspend", "unsuspends"),
+                 ("suspend", "suspends"), ("group removals", "group removals")]
+        parts = ", ".join(f"{self.counts[key]} {label}" for key, label in order)
+        text = (f"summary ({'planned' if self.dry_run else 'done'}): {parts}; "
+                f"{self.unchanged} already in step, {self.skipped} skipped, {self.warnings} warnings, "
+                f"{self.failures} failed")
+        if self.stale:
+            text += f", {self.stale} stale"
+        if self.unowned:
+            text += f"; {self.unowned} accounts nobody owns"
+        return text + f"; {self.seconds:.1f} s"
+
+
+def summarize(outcomes: Sequence[Outcome], notices: Sequence[Notice], unchanged: int,
+              dry_run: bool, seconds: float, unowned: int = 0) -> Summary:
     counts: Counter[str] = Counter()
     for outcome in outcomes:
-        if outcome.ok or dry_run:
+        if outcome.ok or (dry_run and outcome.result == "planned"):
             counts.update(outcome.change.labels)
-            counts["group removals"] += outcome.groups_removed
-    failed_changes = [o for o in outcomes if not o.ok and not dry_run]
-    failures = plan_.failed_students() + len(failed_changes)
-    notice_counts = Counter(n.level for n in plan_.notices)
-    verb = "planned" if dry_run else "done"
-    order = [("create", "creates"), ("move", "moves"), ("rename", "renames"),
-             ("attributes", "attribute updates"), ("unsuspend", "unsuspends"),
-             ("suspend", "suspends"), ("group removals", "group removals")]
-    parts = [f"{counts[key]} {label}" for key, label in order]
-    text = (f"summary ({verb}): " + ", ".join(parts)
-            + f"; {plan_.unchanged} already in step, {notice_counts[SKIP]} skipped, "
-            f"{notice_counts[WARNING]} warnings, {failures} failed; {seconds:.1f} s")
-    return text, failures
+            counts["group removals"] += len(outcome.groups_removed)
+    levels = Counter(n.level for n in notices)
+    failed_students = {(n.student_number, n.email) for n in notices if n.level == ERROR}
+    failed_students |= {(str(o.change.student_number), o.change.email) for o in outcomes if o.failed}
+    return Summary(counts=counts, unchanged=unchanged, skipped=levels[SKIP], warnings=levels[WARNING],
+                   failures=len(failed_students), stale=sum(o.result.startswith("stale") for o in outcomes),
+                   seconds=seconds, dry_run=dry_run, unowned=unowned)
+
+
+class Progress:
+    """A one-line counter on the terminal; silent when output goes to a file or a scheduler."""
+
+    def __init__(self, label: str, total: int | None = None, stream: Any = None):
+        self.stream = stream or sys.stderr
+        self.enabled = bool(getattr(sys.stdout, "isatty", lambda: False)()) and bool(
+            getattr(self.stream, "isatty", lambda: False)())
+        self.label, self.total, self.done = label, total, 0
+        self._lock = threading.Lock()
+
+    def step(self, count: int = 1) -> None:
+        with self._lock:
+            self.done += count
+            if self.enabled:
+                of = f"/{self.total}" if self.total else ""
+                self.stream.write(f"\r{self.label}: {self.done}{of}")
+                self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled and self.done:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def send_summary_email(settings: Settings, subject: str, body: str) -> None:
+    """Send the run summary; a failure is logged and never changes the run's outcome."""
+    import smtplib
+    import ssl
+    from email.message import EmailMessage
+
+    em = settings.email
+    if em is None:
+        return
+    message = EmailMessage()
+    message["From"], message["To"], message["Subject"] = em.sender, ", ".join(em.to), subject
+    message.set_content(body)
+    user = os.environ.get(em.user_env, "") if em.user_env else ""
+    password = os.environ.get(em.password_env, "") if em.password_env else ""
+    try:
+        with smtplib.SMTP(em.smtp_host, em.smtp_port, timeout=30) as smtp:
+            smtp.ehlo()
+            if smtp.has_extn("starttls"):
+                smtp.starttls(context=ssl.create_default_context())
+                smtp.ehlo()
+            if user and password:
+                smtp.login(user, password)
+            smtp.send_message(message)
+        log.info("summary emailed to %s", ", ".join(em.to))
+    except (OSError, smtplib.SMTPException) as exc:
+        reason = exc.smtp_code if isinstance(exc, smtplib.SMTPResponseException) else type(exc).__name__
+        log.error("could not email the summary through %s:%s (%s); the run's result is unchanged",
+                  em.smtp_host, em.smtp_port, reason)
 
 
 # =============================================================================
@@ -1680,6 +2069,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="student_sync.py",
         description="Keep Google Workspace student accounts in step with PowerSchool.",
+        epilog="Exit codes: 0 in step, 1 some students failed, 2 usage/settings/connection/"
+               "authorization error, 3 stopped by a safety limit.",
     )
     scope = parser.add_mutually_exclusive_group()
     scope.add_argument("--all", action="store_true", help="every building")
@@ -1694,8 +2085,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="evaluate date rules (summer grace) as of this date")
     parser.add_argument("--allow-mass-changes", action="store_true",
                         help="let this one run go past the [safety] limits")
-    parser.add_argument("--authorize", action="store_true",
-                        help="sign in to Google once in a browser and save the token")
+    parser.add_argument("--plan-out", type=Path, metavar="FILE", help="write the plan as JSON for review")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--apply-plan", type=Path, metavar="FILE",
+                      help="apply a reviewed plan file: its changes only, where still current")
+    mode.add_argument("--undo", metavar="RUN_ID", help="reverse the changes of an earlier run")
+    mode.add_argument("--check", action="store_true", help="preflight checks; changes nothing")
+    mode.add_argument("--authorize", action="store_true",
+                      help="sign in to Google once in a browser and save the token")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more output")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     return parser
@@ -1711,46 +2108,72 @@ def _scope_kind(args: argparse.Namespace) -> str | None:
     return None
 
 
+def _usage_problem(args: argparse.Namespace) -> str | None:
+    """A combination of options that makes no sense, in words; None when fine."""
+    kind = _scope_kind(args)
+    if args.apply_plan or args.undo:
+        option = "--apply-plan" if args.apply_plan else "--undo"
+        if kind:
+            return f"{option} takes no scope: it applies exactly what it names"
+        if args.dry_run or args.plan_out or args.as_of:
+            return f"{option} cannot be combined with --dry-run, --plan-out or --as-of"
+        return None
+    if args.check or args.authorize:
+        return None
+    if kind is None:
+        return "choose a scope: --all, --state-reporting or --building N [N ...]"
+    return None
+
+
 def _new_account_password(settings: Settings, changes: Sequence[Change], dry_run: bool) -> str | None:
     """The new-account password, checked when the run would create accounts."""
-    if not any(c.action == "create" for c in changes):
+    creates = sum(c.action == "create" for c in changes)
+    if not creates:
         return None
     variable = settings.accounts.new_password_env
-    password = os.environ.get(variable, "")
-    problem = None
-    if not password:
-        problem = f"environment variable {variable} (the new-account password) is not set"
-    elif len(password) < 8:
-        problem = f"the new-account password in {variable} is shorter than 8 characters"
-    elif len(password) > 100:
-        problem = f"the new-account password in {variable} is longer than 100 characters"
+    problem = _password_problem(variable)
     if problem:
         if dry_run:
             log.warning("%s: a real run would stop here", problem)
             return None
-        raise StopRun(f"{problem}; accounts to create: {sum(c.action == 'create' for c in changes)}")
-    return password
+        raise StopRun(f"{problem}; accounts to create: {creates}")
+    return os.environ[variable]
 
 
-def _check_safety(plan_: Plan, rows: Sequence[StudentRow], scope: Scope,
-                  settings: Settings, allow: bool) -> None:
+def _password_problem(variable: str) -> str | None:
+    password = os.environ.get(variable, "")
+    if not password:
+        return f"environment variable {variable} (the new-account password) is not set"
+    if len(password) < 8:
+        return f"the new-account password in {variable} is shorter than 8 characters"
+    if len(password) > 100:
+        return f"the new-account password in {variable} is longer than 100 characters"
+    return None
+
+
+def _safety_problems(plan_: Plan, rows: Sequence[StudentRow], scope: Scope, settings: Settings,
+                     previous_counts: Mapping[int, int]) -> list[str]:
+    """Why this run must not go ahead without --allow-mass-changes; empty when it may."""
     if not rows and scope.school_numbers:
-        raise SafetyStop(
-            f"PowerSchool returned no students for {scope.describe()} "
-            f"({len(scope.school_numbers)} school(s)): stopping rather than suspending everyone. "
-            "Check the database; if this is really so, run again with --allow-mass-changes")
+        return [f"PowerSchool returned no students for {scope.describe()} "
+                f"({len(scope.school_numbers)} school(s)): stopping rather than suspending everyone; "
+                "check the database"]
+    problems = []
+    drops = school_drops(previous_counts, active_counts(rows, scope), settings.safety.max_school_drop_percent)
+    if drops:
+        problems.append(f"active students dropped by more than [safety] max_school_drop_percent = "
+                        f"{settings.safety.max_school_drop_percent:g}% since the last run: " + "; ".join(drops))
     suspensions = plan_.suspensions()
     limit = settings.safety.max_suspensions
-    if len(suspensions) > limit and not allow:
+    if len(suspensions) > limit:
         by_school: Counter[str] = Counter()
         for change in suspensions:
             decision = plan_.decisions.get(change.email.lower())
             by_school[str(decision.school_number) if decision else "?"] += 1
         where = ", ".join(f"school {s}: {n}" for s, n in sorted(by_school.items()))
-        raise SafetyStop(
-            f"this run would suspend {len(suspensions)} accounts, more than [safety] max_suspensions "
-            f"= {limit} ({where}); nothing was changed. Review with --dry-run --report FILE; if it is "
-            "right (for example graduates on September 1), run again with --allow-mass-changes")
+        problems.append(f"this run would suspend {len(suspensions)} accounts, more than "
+                        f"[safety] max_suspensions = {limit} ({where})")
+    return problems
 
 
 class RunLock:
@@ -1775,11 +2198,12 @@ class RunLock:
             stream.seek(0)
             holder = stream.read(500).strip() or "unknown"
             stream.close()
-            raise StopRun(f"another student_sync run holds {self.path} ({holder}); "
+            raise StopRun(f"another student_sync run is in progress ({holder}; lock {self.path}); "
                           "this run stops without changing anything") from None
         stream.seek(0)
         stream.truncate()
-        stream.write(f"pid {os.getpid()} on {socket.gethostname()}, started {dt.datetime.now():%Y-%m-%d %H:%M:%S}")
+        stream.write(f"pid {os.getpid()} on {socket.gethostname()}, started "
+                     f"{dt.datetime.now():%Y-%m-%d %H:%M:%S}")
         stream.flush()
         self._file = stream
 
@@ -1824,26 +2248,32 @@ class RunLock:
         self.release()
 
 
-def _run_authorize(settings: Settings) -> int:
-    if settings.google.auth != "oauth":
-        log.error('--authorize is for [google] auth = "oauth"; this settings file uses "%s"',
-                  settings.google.auth)
-        return EXIT_ERROR
-    google_credentials(settings, interactive=True)
-    return EXIT_OK
+@dataclass
+class Run:
+    """One invocation: its id, its files, and what the summary email will say."""
+
+    args: argparse.Namespace
+    settings: Settings
+    run_id: str
+    log_path: Path | None = None
+    summary: Summary | None = None
+    lines: list[str] = field(default_factory=list)   # problems worth an email
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def logs(self) -> Path:
+        return self.settings.logging.dir
+
+    def today(self) -> dt.date:
+        return self.args.as_of or dt.date.today()
 
 
-def run(args: argparse.Namespace, settings: Settings) -> int:
-    """One sync run; raises StopRun for conditions that end it early."""
-    started = time.monotonic()
-    today = args.as_of or dt.date.today()
-    kind = _scope_kind(args)
-
-    connection = connect_powerschool(settings)
+def _read_powerschool(run: Run, kind: str) -> tuple[Scope, list[StudentRow]]:
+    connection = connect_powerschool(run.settings)
     try:
         try:
             schools = read_schools(connection)
-            scope = resolve_scope(kind, schools, args.building or ())
+            scope = resolve_scope(kind, schools, run.args.building or ())
             rows = read_students(connection, scope, schools)
         except StopRun:
             raise
@@ -1854,50 +2284,22 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     finally:
         connection.close()
     log.info("PowerSchool: %d rows for %s (%d schools)", len(rows), scope.describe(), len(scope.school_numbers))
-
-    credentials = google_credentials(settings)
-    client = DirectoryClient(settings, credentials)
-    limiter = RateLimiter(settings.google.max_requests_per_second)
-    policy = RetryPolicy(limiter=limiter)
-    directory = _read_directory_or_stop(client, settings, policy)
-    log.info("Google: %d accounts, %d OUs in %s", len(directory.accounts), len(directory.org_units),
-             settings.google.domain)
-
-    plan_ = plan(rows, directory, settings, today, scope)
-    for notice in plan_.notices:
-        _log_notice(notice)
-    _check_safety(plan_, rows, scope, settings, args.allow_mass_changes)
-    password = _new_account_password(settings, plan_.changes, args.dry_run)
-
-    if args.dry_run:
-        for change in plan_.changes:
-            log.info("would %s: %s (%s)", "+".join(change.labels), change.email, change.describe())
-        outcomes = [Outcome(c, "planned") for c in plan_.changes]
-    else:
-        applier = Applier(client, settings, directory, plan_.decisions, password, policy,
-                          RateLimiter(settings.google.max_creates_per_second))
-        outcomes = applier.apply(plan_.changes, progress=_log_outcome)
-        if applier.authorization_lost:
-            log.error("%s", applier.authorization_lost)
-
-    if args.report:
-        write_report(args.report, plan_, outcomes)
-        log.info("report written to %s", args.report)
-    text, failures = summarize(plan_, outcomes, args.dry_run, time.monotonic() - started)
-    log.info("%s", text)
-    return EXIT_FAILURES if failures else EXIT_OK
+    return scope, rows
 
 
 def _is_db_error(exc: BaseException) -> bool:
     return isinstance(exc, sqlite3.Error) or type(exc).__module__.startswith("oracledb")
 
 
-def _read_directory_or_stop(client: DirectoryClient, settings: Settings, policy: RetryPolicy) -> Directory:
-    from googleapiclient.errors import HttpError
+def _connect_google(run: Run) -> tuple[DirectoryClient, RetryPolicy, Directory]:
     from google.auth.exceptions import RefreshError
+    from googleapiclient.errors import HttpError
 
+    settings = run.settings
+    client = DirectoryClient(settings, google_credentials(settings))
+    policy = RetryPolicy(limiter=RateLimiter(settings.google.max_requests_per_second))
     try:
-        return read_directory(client, settings, policy)
+        directory = read_directory(client, settings, policy)
     except HttpError as exc:
         raise GoogleError(f"Google: cannot read the directory of {settings.google.domain}: "
                           f"{describe_http_error(exc)}") from None
@@ -1906,24 +2308,268 @@ def _read_directory_or_stop(client: DirectoryClient, settings: Settings, policy:
     except OSError as exc:
         where = settings.google.api_endpoint or "Google"
         raise GoogleError(f"Google: cannot reach {where}: {type(exc).__name__}") from None
+    log.info("Google: %d accounts, %d OUs in %s", len(directory.accounts), len(directory.org_units),
+             settings.google.domain)
+    return client, policy, directory
 
 
-def _log_outcome(outcome: Outcome) -> None:
-    change = outcome.change
-    text = f"{'+'.join(change.labels)} {change.email}: {change.describe()}"
-    if outcome.note:
-        text += f" ({outcome.note})"
-    if outcome.groups_removed:
-        text += f"; removed from {outcome.groups_removed} group(s)"
-    if outcome.ok:
-        log.info("%s", text)
+def _apply(run: Run, kind: str, client: DirectoryClient, policy: RetryPolicy, directory: Directory,
+           changes: Sequence[Change], decisions: Mapping[str, Decision], password: str | None) -> list[Outcome]:
+    """Apply changes, journalling each outcome as it arrives."""
+    if not changes:
+        return []
+    journal = Journal(run.logs, run.run_id, kind)
+    applier = Applier(client, run.settings, directory, decisions, password, policy,
+                      RateLimiter(run.settings.google.max_creates_per_second))
+    progress = Progress("applying", len(changes))
+
+    def arrived(outcome: Outcome) -> None:
+        journal.record(outcome)
+        progress.step()
+        _log_outcome(outcome)
+
+    try:
+        outcomes = applier.apply(changes, progress=arrived)
+    finally:
+        progress.close()
+    log.info("journal: %s (undo with --undo %s)", journal.path, run.run_id)
+    if applier.authorization_lost:
+        raise GoogleError(applier.authorization_lost + f"; {sum(o.ok for o in outcomes)} changes "
+                          "were applied before that (see the journal)")
+    return outcomes
+
+
+def _finish(run: Run, outcomes: Sequence[Outcome], notices: Sequence[Notice], unchanged: int,
+            dry_run: bool = False, unowned: Sequence[Account] = ()) -> int:
+    if run.args.report:
+        write_report(run.args.report, outcomes, notices, unowned)
+        log.info("report written to %s", run.args.report)
+    run.summary = summarize(outcomes, notices, unchanged, dry_run, time.monotonic() - run.started,
+                            len(unowned))
+    for outcome in outcomes:
+        if outcome.failed:
+            run.lines.append(f"student {outcome.change.student_number} ({outcome.change.email}): {outcome.result}")
+    for notice in notices:
+        if notice.level == ERROR:
+            run.lines.append(f"student {notice.student_number} ({notice.email}): {notice.message}")
+    log.info("%s", run.summary.text())
+    return EXIT_FAILURES if run.summary.failures else EXIT_OK
+
+
+def run_sync(run: Run) -> int:
+    """A sync run (or dry run) for a scope."""
+    args, settings = run.args, run.settings
+    scope, rows = _read_powerschool(run, _scope_kind(args))
+    client, policy, directory = _connect_google(run)
+    today = run.today()
+    plan_ = plan(rows, directory, settings, today, scope)
+    for notice in plan_.notices:
+        _log_notice(notice)
+    unowned = unowned_accounts(directory, rows, settings) if scope.kind == "all" else []
+    for account in unowned[:50]:
+        log.info("account %s in %s matches no PowerSchool student (report only)", account.email, account.org_unit)
+    if len(unowned) > 50:
+        log.info("... and %d more accounts nobody owns (see --report)", len(unowned) - 50)
+    if args.plan_out:
+        write_plan_file(args.plan_out, plan_, scope=scope, today=today, settings=settings, run_id=run.run_id)
+        log.info("plan written to %s", args.plan_out)
+
+    counts_path = run.logs / "school_counts.json"
+    problems = _safety_problems(plan_, rows, scope, settings, load_school_counts(counts_path))
+    if problems and not args.allow_mass_changes:
+        saved = run.logs / f"plan-{run.run_id}.json"
+        write_plan_file(saved, plan_, scope=scope, today=today, settings=settings, run_id=run.run_id)
+        if args.report:
+            stopped = [Outcome(c, "not applied: safety stop") for c in plan_.changes]
+            write_report(args.report, stopped, plan_.notices, unowned)
+        raise SafetyStop(
+            "safety stop, nothing was changed: " + "; ".join(problems) + f". The plan is in {saved} "
+            "(review it, or run with --dry-run --report FILE). If it is right (for example "
+            "graduates on September 1), apply it with --apply-plan " + str(saved)
+            + " or run again with --allow-mass-changes")
+    for problem in problems:
+        log.warning("allowed by --allow-mass-changes: %s", problem)
+
+    password = _new_account_password(settings, plan_.changes, args.dry_run)
+    if args.dry_run:
+        for change in plan_.changes:
+            log.info("would %s: %s (%s)", "+".join(change.labels), change.email, change.describe())
+        outcomes = [Outcome(c, "planned") for c in plan_.changes]
     else:
-        log.error("student %s: %s %s", change.student_number, text, outcome.result)
+        outcomes = _apply(run, "sync", client, policy, directory, plan_.changes, plan_.decisions, password)
+        save_school_counts(counts_path, active_counts(rows, scope))
+    return _finish(run, outcomes, plan_.notices, plan_.unchanged, args.dry_run, unowned)
+
+
+def run_apply_plan(run: Run) -> int:
+    """Apply a reviewed plan: its changes only, each where the account still holds the planned 'now'."""
+    document, changes = read_plan_file(run.args.apply_plan, run.settings)
+    log.info("plan %s: %d changes, made %s for %s", run.args.apply_plan, len(changes),
+             document.get("created"), (document.get("scope") or {}).get("kind"))
+    client, policy, directory = _connect_google(run)
+    current, stale = [], []
+    for change in changes:
+        account = directory.accounts.get(change.email.lower())
+        still_current = account is None if change.action == "create" else holds_values(account, change.before)
+        if still_current:
+            current.append(change)
+        else:
+            stale.append(Outcome(change, "stale: the account changed since the plan was made; skipped"))
+    for outcome in stale:
+        _log_outcome(outcome)
+    password = _new_account_password(run.settings, current, dry_run=False)
+    outcomes = _apply(run, "apply-plan", client, policy, directory, current, {}, password)
+    return _finish(run, [*outcomes, *stale], [], 0)
+
+
+def run_undo(run: Run) -> int:
+    """Reverse an earlier run from its journal."""
+    entries = read_journal(run.logs, run.args.undo)
+    log.info("undo of run %s: %d journal entries", run.args.undo, len(entries))
+    client, policy, directory = _connect_google(run)
+    changes, notices = undo_changes(entries, directory)
+    for notice in notices:
+        _log_notice(notice)
+    outcomes = _apply(run, "undo", client, policy, directory, changes, {}, None)
+    return _finish(run, outcomes, notices, 0)
+
+
+def run_check(run: Run) -> int:
+    """Preflight: one line per check, OK or FAIL with what to do.  Changes nothing."""
+    from googleapiclient.errors import HttpError
+
+    settings = run.settings
+    results: list[bool] = []
+
+    def report(ok: bool, text: str) -> None:
+        results.append(ok)
+        log.info("%s %s", "OK  " if ok else "FAIL", text)
+
+    report(True, f"settings {settings.path} are valid")
+    rows: list[StudentRow] = []
+    scope: Scope | None = None
+    try:
+        connection = connect_powerschool(settings)
+        version = getattr(connection, "version", None) or f"SQLite {sqlite3.sqlite_version}"
+        connection.close()
+        scope, rows = _read_powerschool(run, _scope_kind(run.args) or "all")
+        counts = active_counts(rows, scope)
+        report(True, f"PowerSchool reachable ({version}); active students per school for {scope.describe()}: "
+               + ", ".join(f"{school}: {n}" for school, n in sorted(counts.items())))
+    except StopRun as exc:
+        report(False, str(exc))
+
+    directory = None
+    try:
+        client, policy, directory = _connect_google(run)
+        report(True, f"Google authorized {_who(settings)}; {len(directory.accounts)} accounts in "
+               f"{settings.google.domain}")
+    except StopRun as exc:
+        report(False, str(exc))
+
+    if directory is not None:
+        needed = {settings.ous.suspended, settings.ous.graduated}
+        if scope is not None:
+            decisions = plan(rows, directory, settings, run.today(), scope).decisions
+            needed |= {d.target_ou for d in decisions.values()}
+        missing = sorted(ou for ou in needed if ou.lower() not in directory.org_units)
+        report(not missing, f"all {len(needed)} OUs the rules target exist" if not missing else
+               f"{len(missing)} OUs the rules target are missing in Google (create them in the Admin "
+               f"console, or fix [ous]): " + ", ".join(missing))
+        try:
+            report(*_check_schema(client, policy, settings))
+        except HttpError as exc:
+            report(False, f"custom attributes could not be read: {describe_http_error(exc)} (does the "
+                   "authorization include the userschema.readonly scope?)")
+    problem = _password_problem(settings.accounts.new_password_env)
+    report(problem is None, problem + " (needed to create accounts)" if problem else
+           f"new-account password is set in {settings.accounts.new_password_env}")
+    return EXIT_OK if all(results) else EXIT_ERROR
+
+
+def _who(settings: Settings) -> str:
+    gg = settings.google
+    if gg.auth == "service_account":
+        return f"as service account {gg.service_account_file.name} acting for {gg.delegated_admin}"
+    if gg.auth == "oauth":
+        return f"with the token in {gg.token_file}"
+    return f"(no authorization: local endpoint {gg.api_endpoint})"
+
+
+def _simple(name: str) -> str:
+    return re.sub(r"[^0-9a-z]", "", name.lower())
+
+
+def _check_schema(client: DirectoryClient, policy: RetryPolicy, settings: Settings) -> tuple[bool, str]:
+    """Does the custom attribute category hold both fields, with these names?"""
+    from googleapiclient.errors import HttpError
+
+    cs = settings.custom_schema
+    schemas = client.resource("schemas")
+    try:
+        schema = policy.call(lambda: client.execute(schemas.get(customerId="my_customer", schemaKey=cs.category)))
+    except HttpError as exc:
+        if _http_error_parts(exc)[0] != 404:
+            raise
+        listing = policy.call(lambda: client.execute(schemas.list(customerId="my_customer")))
+        names = [s.get("schemaName", "") for s in listing.get("schemas", []) or []]
+        close = [n for n in names if _simple(n) == _simple(cs.category)]
+        hint = (f"; the domain has {', '.join(close)}: set [custom_schema] category to that" if close else
+                f"; the domain has: {', '.join(names) or 'no custom attributes'}")
+        return False, f"custom attribute category {cs.category} does not exist{hint}"
+    fields = [f.get("fieldName", "") for f in schema.get("fields", []) or []]
+    problems = []
+    for key, wanted in (("school_field", cs.school_field), ("grad_year_field", cs.grad_year_field)):
+        if wanted not in fields:
+            close = [f for f in fields if _simple(f) == _simple(wanted)]
+            problems.append(f"field {wanted} ([custom_schema] {key}) is missing"
+                            + (f"; the domain calls it {close[0]}" if close else ""))
+    if problems:
+        return False, f"custom attribute category {cs.category}: " + "; ".join(problems) + \
+            f" (its fields: {', '.join(fields) or 'none'})"
+    return True, f"custom attribute category {cs.category} has {cs.school_field} and {cs.grad_year_field}"
+
+
+def _run_authorize(settings: Settings) -> int:
+    if settings.google.auth != "oauth":
+        log.error('--authorize is for [google] auth = "oauth"; this settings file uses "%s"',
+                  settings.google.auth)
+        return EXIT_ERROR
+    google_credentials(settings, interactive=True)
+    return EXIT_OK
+
+
+def _email_after(run: Run, code: int, fatal: str | None) -> None:
+    em = run.settings.email
+    if em is None or run.args.check or (em.when == "problems" and code == EXIT_OK):
+        return
+    outcome = {EXIT_OK: "OK", EXIT_FAILURES: "some students failed", EXIT_ERROR: "could not run",
+               EXIT_SAFETY: "stopped by a safety limit"}.get(code, f"exit {code}")
+    what = ("undo " + run.args.undo if run.args.undo else "apply-plan" if run.args.apply_plan
+            else _scope_kind(run.args) or "run")
+    body = [f"student_sync {what} on {socket.gethostname()}, run {run.run_id}: {outcome} (exit {code})", ""]
+    if fatal:
+        body += [fatal, ""]
+    if run.summary:
+        body += [run.summary.text(), ""]
+    if run.lines:
+        body += ["Failures:"] + [f"  {line}" for line in run.lines[:100]]
+        if len(run.lines) > 100:
+            body.append(f"  ... and {len(run.lines) - 100} more")
+        body.append("")
+    body.append(f"Log: {run.log_path or '(no log file)'}")
+    send_summary_email(run.settings, f"student_sync {what}: {outcome}", "\n".join(body))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     setup_logging(-1 if args.quiet else args.verbose)
+    problem = _usage_problem(args)
+    if problem:
+        parser.print_usage(sys.stderr)
+        log.error("%s", problem)
+        return EXIT_ERROR
     try:
         settings = load_settings(args.config)
     except StopRun as exc:
@@ -1935,26 +2581,39 @@ def main(argv: Sequence[str] | None = None) -> int:
         except StopRun as exc:
             log.error("%s", exc)
             return exc.exit_code
-    if _scope_kind(args) is None:
-        build_parser().print_usage(sys.stderr)
-        log.error("choose a scope: --all, --state-reporting or --building N [N ...]")
-        return EXIT_ERROR
-    started = dt.datetime.now()
-    handler, log_path = open_run_log(settings, started)
+
+    now = dt.datetime.now()
     try:
-        log.debug("student_sync %s, settings %s, arguments %s", __version__, settings.path,
-                  " ".join(argv if argv is not None else sys.argv[1:]))
-        if args.dry_run:
-            return run(args, settings)
-        with RunLock(settings.logging.dir / "student_sync.lock"):
-            return run(args, settings)
+        settings.logging.dir.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        pass
+    run = Run(args, settings, new_run_id(settings.logging.dir, now))
+    handler, run.log_path = open_run_log(settings, run.run_id)
+    code, fatal = EXIT_ERROR, None
+    try:
+        log.debug("student_sync %s, run %s, settings %s, arguments %s", __version__, run.run_id,
+                  settings.path, " ".join(argv if argv is not None else sys.argv[1:]))
+        if args.check:
+            code = run_check(run)
+        elif args.dry_run:
+            code = run_sync(run)
+        else:
+            with RunLock(settings.logging.dir / "student_sync.lock"):
+                code = run_apply_plan(run) if args.apply_plan else run_undo(run) if args.undo else run_sync(run)
     except StopRun as exc:
         log.error("%s", exc)
-        return exc.exit_code
+        code, fatal = exc.exit_code, str(exc)
+    except Exception:  # a defect: keep the whole story in the log and say so
+        log.exception("unexpected error; please report it with this log")
+        code, fatal = EXIT_ERROR, "unexpected error: see the log"
     finally:
-        if handler is not None:
-            log.removeHandler(handler)
-            handler.close()
+        try:
+            _email_after(run, code, fatal)
+        finally:
+            if handler is not None:
+                log.removeHandler(handler)
+                handler.close()
+    return code
 
 
 if __name__ == "__main__":
