@@ -656,7 +656,14 @@ def _describe_db_error(error: BaseException) -> str:
     if code == "ORA-01017":
         return "the database refused the user name or password (ORA-01017)"
     message = getattr(first, "message", None) or str(error) or type(error).__name__
-    return message.splitlines()[0]
+    lines = message.splitlines()
+    text = re.sub(r"\s*\(CONNECTION_ID=[^)]*\)", "", lines[0])
+    cause = next((line for line in lines[1:] if "Errno" in line or "refused" in line.lower()), "")
+    if "refused" in cause.lower():
+        text += ": connection refused (is the database listener up, and the port right?)"
+    elif cause:
+        text += f": {cause.strip()}"
+    return text
 
 
 # =============================================================================
