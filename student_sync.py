@@ -657,7 +657,7 @@ def _describe_db_error(error: BaseException) -> str:
         return "the database refused the user name or password (ORA-01017)"
     message = getattr(first, "message", None) or str(error) or type(error).__name__
     lines = message.splitlines()
-    text = re.sub(r"\s*\(CONNECTION_ID=[^)]*\)", "", lines[0])
+    text = re.sub(r"\s*\(CONNECTION_ID=[^)]*\)", "", lines[0]).rstrip(".")
     cause = next((line for line in lines[1:] if "Errno" in line or "refused" in line.lower()), "")
     if "refused" in cause.lower():
         text += ": connection refused (is the database listener up, and the port right?)"
@@ -1341,6 +1341,12 @@ def holds_values(account: Account | None, values: Mapping[str, Any]) -> bool:
     return True
 
 
+def _row_order(row: StudentRow) -> tuple:
+    school = _as_int(row.school_id)
+    return (school is None, school or 0, repr(row.enroll_status), repr(row.grade_level),
+            repr(row.first_name), repr(row.last_name), repr(row.class_of), repr(row.student_number))
+
+
 def plan(rows: Iterable[StudentRow], directory: Directory, settings: Settings,
          today: dt.date, scope: Scope) -> Plan:
     """Every change the scope needs, as a value.  No I/O, no clock, no environment."""
@@ -1362,7 +1368,9 @@ def plan(rows: Iterable[StudentRow], directory: Directory, settings: Settings,
     changes: list[Change] = []
     unchanged = 0
     for number in sorted(by_number):
-        student_rows = by_number[number]
+        # In a fixed order, so that the same rows give the same plan and messages every night
+        # whatever order the database returns them in.
+        student_rows = sorted(by_number[number], key=_row_order)
         if not any(r.school is not None and r.school.number in scope.school_numbers for r in student_rows):
             continue
         # Rows whose SCHOOLID names no school belong to no scope and are not weighed,
@@ -1674,8 +1682,12 @@ def change_from_json(entry: Mapping[str, Any]) -> Change:
 
 
 def write_plan_file(path: Path, plan_: Plan, *, scope: Scope, today: dt.date,
-                    settings: Settings, run_id: str) -> None:
-    """The plan as JSON, for review and for --apply-plan."""
+                    settings: Settings, run_id: str, active: Mapping[int, int]) -> None:
+    """The plan as JSON, for review and for --apply-plan.
+
+    `active` (active students per school) becomes the source-sanity baseline once the
+    plan is applied.
+    """
     counts: Counter[str] = Counter(label for c in plan_.changes for label in c.labels)
     document = {
         "format": PLAN_FORMAT,
@@ -1686,6 +1698,7 @@ def write_plan_file(path: Path, plan_: Plan, *, scope: Scope, today: dt.date,
         "domain": settings.google.domain,
         "settings_fingerprint": settings_fingerprint(settings),
         "counts": dict(sorted(counts.items())),
+        "active_students": {str(k): v for k, v in sorted(active.items())},
         "changes": [change_to_json(c) for c in plan_.changes],
         "notices": [dataclasses.asdict(n) for n in plan_.notices],
     }
@@ -1776,6 +1789,8 @@ def undo_changes(entries: Sequence[Mapping[str, Any]], directory: Directory) -> 
             notices.append(Notice(WARNING, number, email, "not undone: the account no longer exists"))
             continue
         after = {k: v for k, v in done.after.items() if k not in ("primaryEmail", "changePasswordAtNextLogin")}
+        if done.action == "create":
+            after["suspended"] = False  # a created account is open; suspended since means changed since
         if not holds_values(account, after):
             notices.append(Notice(WARNING, number, email, "not undone: the account was changed since that run"))
             continue
@@ -1848,7 +1863,8 @@ def unowned_accounts(directory: Directory, rows: Iterable[StudentRow], settings:
         if not (account.org_unit.lower() + "/").startswith(prefix):
             continue
         local, _, domain = key.partition("@")
-        number = _as_int(local) if "@" + domain == suffix and local.isdigit() else None
+        # Only the exact address a student number gives: 01002@ is not student 1002's.
+        number = int(local) if "@" + domain == suffix and local.isdigit() and str(int(local)) == local else None
         if number is None or number not in numbers:
             found.append(account)
     return found
@@ -1860,11 +1876,16 @@ def unowned_accounts(directory: Directory, rows: Iterable[StudentRow], settings:
 
 
 class _ConsoleFormatter(logging.Formatter):
+    """Plain lines; warnings and errors say so, unless the line already does (`extra=PLAIN`)."""
+
     def format(self, record: logging.LogRecord) -> str:
         text = record.getMessage()
-        if record.levelno >= logging.WARNING:
+        if record.levelno >= logging.WARNING and not getattr(record, "plain", False):
             return f"{record.levelname}: {text}"
         return text
+
+
+PLAIN = {"plain": True}
 
 
 def setup_logging(verbosity: int) -> logging.Handler:
@@ -2122,8 +2143,8 @@ def _usage_problem(args: argparse.Namespace) -> str | None:
         option = "--apply-plan" if args.apply_plan else "--undo"
         if kind:
             return f"{option} takes no scope: it applies exactly what it names"
-        if args.dry_run or args.plan_out or args.as_of:
-            return f"{option} cannot be combined with --dry-run, --plan-out or --as-of"
+        if args.plan_out or args.as_of:
+            return f"{option} cannot be combined with --plan-out or --as-of"
         return None
     if args.check or args.authorize:
         return None
@@ -2158,15 +2179,15 @@ def _password_problem(variable: str) -> str | None:
     return None
 
 
-def _safety_problems(plan_: Plan, rows: Sequence[StudentRow], scope: Scope, settings: Settings,
-                     previous_counts: Mapping[int, int]) -> list[str]:
+def _safety_problems(plan_: Plan, rows: Sequence[StudentRow], active: Mapping[int, int], scope: Scope,
+                     settings: Settings, previous_counts: Mapping[int, int]) -> list[str]:
     """Why this run must not go ahead without --allow-mass-changes; empty when it may."""
     if not rows and scope.school_numbers:
         return [f"PowerSchool returned no students for {scope.describe()} "
                 f"({len(scope.school_numbers)} school(s)): stopping rather than suspending everyone; "
                 "check the database"]
     problems = []
-    drops = school_drops(previous_counts, active_counts(rows, scope), settings.safety.max_school_drop_percent)
+    drops = school_drops(previous_counts, active, settings.safety.max_school_drop_percent)
     if drops:
         problems.append(f"active students dropped by more than [safety] max_school_drop_percent = "
                         f"{settings.safety.max_school_drop_percent:g}% since the last run: " + "; ".join(drops))
@@ -2349,8 +2370,11 @@ def _apply(run: Run, kind: str, client: DirectoryClient, policy: RetryPolicy, di
 def _finish(run: Run, outcomes: Sequence[Outcome], notices: Sequence[Notice], unchanged: int,
             dry_run: bool = False, unowned: Sequence[Account] = ()) -> int:
     if run.args.report:
-        write_report(run.args.report, outcomes, notices, unowned)
-        log.info("report written to %s", run.args.report)
+        try:
+            write_report(run.args.report, outcomes, notices, unowned)
+            log.info("report written to %s", run.args.report)
+        except OSError as exc:  # the changes are made: say so, and keep the run's outcome
+            log.error("could not write the report %s: %s", run.args.report, exc.strerror or exc)
     run.summary = summarize(outcomes, notices, unchanged, dry_run, time.monotonic() - run.started,
                             len(unowned))
     for outcome in outcomes:
@@ -2369,6 +2393,7 @@ def run_sync(run: Run) -> int:
     scope, rows = _read_powerschool(run, _scope_kind(args))
     client, policy, directory = _connect_google(run)
     today = run.today()
+    active = active_counts(rows, scope)
     plan_ = plan(rows, directory, settings, today, scope)
     for notice in plan_.notices:
         _log_notice(notice)
@@ -2378,14 +2403,16 @@ def run_sync(run: Run) -> int:
     if len(unowned) > 50:
         log.info("... and %d more accounts nobody owns (see --report)", len(unowned) - 50)
     if args.plan_out:
-        write_plan_file(args.plan_out, plan_, scope=scope, today=today, settings=settings, run_id=run.run_id)
+        write_plan_file(args.plan_out, plan_, scope=scope, today=today, settings=settings, run_id=run.run_id,
+                        active=active)
         log.info("plan written to %s", args.plan_out)
 
     counts_path = run.logs / "school_counts.json"
-    problems = _safety_problems(plan_, rows, scope, settings, load_school_counts(counts_path))
+    problems = _safety_problems(plan_, rows, active, scope, settings, load_school_counts(counts_path))
     if problems and not args.allow_mass_changes:
         saved = run.logs / f"plan-{run.run_id}.json"
-        write_plan_file(saved, plan_, scope=scope, today=today, settings=settings, run_id=run.run_id)
+        write_plan_file(saved, plan_, scope=scope, today=today, settings=settings, run_id=run.run_id,
+                        active=active)
         if args.report:
             stopped = [Outcome(c, "not applied: safety stop") for c in plan_.changes]
             write_report(args.report, stopped, plan_.notices, unowned)
@@ -2399,12 +2426,10 @@ def run_sync(run: Run) -> int:
 
     password = _new_account_password(settings, plan_.changes, args.dry_run)
     if args.dry_run:
-        for change in plan_.changes:
-            log.info("would %s: %s (%s)", "+".join(change.labels), change.email, change.describe())
-        outcomes = [Outcome(c, "planned") for c in plan_.changes]
+        outcomes = _preview(plan_.changes)
     else:
         outcomes = _apply(run, "sync", client, policy, directory, plan_.changes, plan_.decisions, password)
-        save_school_counts(counts_path, active_counts(rows, scope))
+        save_school_counts(counts_path, active)
     return _finish(run, outcomes, plan_.notices, plan_.unchanged, args.dry_run, unowned)
 
 
@@ -2424,9 +2449,26 @@ def run_apply_plan(run: Run) -> int:
             stale.append(Outcome(change, "stale: the account changed since the plan was made; skipped"))
     for outcome in stale:
         _log_outcome(outcome)
-    password = _new_account_password(run.settings, current, dry_run=False)
-    outcomes = _apply(run, "apply-plan", client, policy, directory, current, {}, password)
-    return _finish(run, [*outcomes, *stale], [], 0)
+    dry_run = run.args.dry_run
+    password = _new_account_password(run.settings, current, dry_run)
+    if dry_run:
+        outcomes = _preview(current)
+    else:
+        outcomes = _apply(run, "apply-plan", client, policy, directory, current, {}, password)
+        try:
+            active = {int(k): int(v) for k, v in (document.get("active_students") or {}).items()}
+        except (AttributeError, TypeError, ValueError):
+            active = {}
+        if active:  # the reviewed figures become the source-sanity baseline
+            save_school_counts(run.logs / "school_counts.json", active)
+    return _finish(run, [*outcomes, *stale], [], 0, dry_run)
+
+
+def _preview(changes: Sequence[Change]) -> list[Outcome]:
+    """A dry run's outcomes: every change printed, none sent."""
+    for change in changes:
+        log.info("would %s: %s (%s)", "+".join(change.labels), change.email, change.describe())
+    return [Outcome(c, "planned") for c in changes]
 
 
 def run_undo(run: Run) -> int:
@@ -2437,6 +2479,8 @@ def run_undo(run: Run) -> int:
     changes, notices = undo_changes(entries, directory)
     for notice in notices:
         _log_notice(notice)
+    if run.args.dry_run:
+        return _finish(run, _preview(changes), notices, 0, dry_run=True)
     outcomes = _apply(run, "undo", client, policy, directory, changes, {}, None)
     return _finish(run, outcomes, notices, 0)
 
@@ -2450,7 +2494,10 @@ def run_check(run: Run) -> int:
 
     def report(ok: bool, text: str) -> None:
         results.append(ok)
-        log.info("%s %s", "OK  " if ok else "FAIL", text)
+        if ok:
+            log.info("OK   %s", text)
+        else:  # shown with -q too
+            log.error("FAIL %s", text, extra=PLAIN)
 
     report(True, f"settings {settings.path} are valid")
     rows: list[StudentRow] = []
@@ -2568,6 +2615,21 @@ def _email_after(run: Run, code: int, fatal: str | None) -> None:
     send_summary_email(run.settings, f"student_sync {what}: {outcome}", "\n".join(body))
 
 
+def _unwritable(path: Path | None) -> str | None:
+    """Why an output file named on the command line cannot be written, found before any change."""
+    if path is None:
+        return None
+    if path.is_dir():
+        return "it is a folder"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return f"folder {path.parent} cannot be made ({exc.strerror or exc})"
+    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        return "no permission to write there"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -2589,6 +2651,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.error("%s", exc)
             return exc.exit_code
 
+    for option, path in (("--report", args.report), ("--plan-out", args.plan_out)):
+        problem = _unwritable(path)
+        if problem:
+            log.error("%s %s cannot be written: %s", option, path, problem)
+            return EXIT_ERROR
     now = dt.datetime.now()
     try:
         settings.logging.dir.mkdir(parents=True, exist_ok=True)
@@ -2600,13 +2667,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         log.debug("student_sync %s, run %s, settings %s, arguments %s", __version__, run.run_id,
                   settings.path, " ".join(argv if argv is not None else sys.argv[1:]))
-        if args.check:
-            code = run_check(run)
-        elif args.dry_run:
-            code = run_sync(run)
+        task = (run_check if args.check else run_apply_plan if args.apply_plan
+                else run_undo if args.undo else run_sync)
+        if args.check or args.dry_run:  # changes nothing: no need to wait for another run
+            code = task(run)
         else:
             with RunLock(settings.logging.dir / "student_sync.lock"):
-                code = run_apply_plan(run) if args.apply_plan else run_undo(run) if args.undo else run_sync(run)
+                code = task(run)
     except StopRun as exc:
         log.error("%s", exc)
         code, fatal = exc.exit_code, str(exc)
