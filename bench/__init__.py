@@ -1,0 +1,1 @@
+"""Benchmarks for student_sync: scripts that print figures (see bench_sync.py)."""
