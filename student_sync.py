@@ -15,6 +15,7 @@ settings, PowerSchool, directory, plan, apply, report, command line.
 from __future__ import annotations
 
 import argparse
+import collections
 import concurrent.futures
 import csv
 import dataclasses
@@ -703,14 +704,16 @@ def account_from_resource(resource: Mapping[str, Any], category: str) -> Account
         if isinstance(value, list):  # a multi-valued field: [{"value": ...}, ...]
             value = value[0].get("value") if value and isinstance(value[0], dict) else None
         if value is not None:
-            attributes[key] = str(value)
+            attributes[sys.intern(key)] = sys.intern(str(value))
+    # OU paths and attribute values repeat across a district: interned, 100,000 accounts
+    # hold one copy of each.
     return Account(
         email=resource["primaryEmail"],
         given_name=name.get("givenName") or "",
         family_name=name.get("familyName") or "",
         suspended=bool(resource.get("suspended", False)),
-        org_unit=resource.get("orgUnitPath") or "/",
-        attributes=MappingProxyType(attributes),
+        org_unit=sys.intern(resource.get("orgUnitPath") or "/"),
+        attributes=attributes,
     )
 
 
@@ -870,7 +873,7 @@ def _write_private(path: Path, text: str) -> None:
 def read_org_units(client: DirectoryClient, policy: "RetryPolicy") -> dict[str, str]:
     """Every OU of the domain: lower-cased path -> path as Google spells it."""
     request = client.resource("orgunits").list(
-        customerId="my_customer", type="all", fields="organizationUnits(orgUnitPath)")
+        customerId="my_customer", type="all", fields="organizationUnits(orgUnitPath)", prettyPrint=False)
     answer = policy.call(lambda: client.execute(request))
     units = {"/": "/"}
     for unit in answer.get("organizationUnits", []) or []:
@@ -920,7 +923,7 @@ class _TwoEndedListing:
         request = users.list(
             domain=self.settings.google.domain, maxResults=500, projection="custom",
             customFieldMask=self.category, orderBy="email", sortOrder=order,
-            fields=f"nextPageToken,users({_USER_FIELDS})",
+            fields=f"nextPageToken,users({_USER_FIELDS})", prettyPrint=False,
         )
         ascending = order == "ASCENDING"
         previous: str | None = None
@@ -976,7 +979,7 @@ def read_directory(client: DirectoryClient, settings: Settings, policy: "RetryPo
 ERROR, WARNING, SKIP = "error", "warning", "skip"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Notice:
     """A per-student message: an error (the student failed), a warning, or a skip."""
 
@@ -986,7 +989,7 @@ class Notice:
     message: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Decision:
     """Where one student's account should be, weighed across all their rows."""
 
@@ -1209,9 +1212,9 @@ def decide(rows: Sequence[StudentRow], settings: Settings, today: dt.date,
         notice(ERROR, f"bad PowerSchool data: {exc}; nothing changed for this student")
         return None
     schema = settings.custom_schema
-    attributes = {schema.school_field: str(status["school_number"])}
+    attributes = {schema.school_field: sys.intern(str(status["school_number"]))}
     if status["class_of"] is not None:
-        attributes[schema.grad_year_field] = str(status["class_of"])
+        attributes[schema.grad_year_field] = sys.intern(str(status["class_of"]))
     elif row.class_of is None:
         notice(WARNING, "CLASSOF is empty in PowerSchool: graduation year left out")
     else:
@@ -1220,7 +1223,7 @@ def decide(rows: Sequence[StudentRow], settings: Settings, today: dt.date,
         student_number=student_number, email=email,
         first_name=normalize_name(row.first_name), last_name=normalize_name(row.last_name),
         should_be_active=status["should_be_active"], graduated=status["graduated"],
-        target_ou=target_ou, attributes=MappingProxyType(attributes),
+        target_ou=sys.intern(target_ou), attributes=attributes,
         school_number=status["school_number"],
     )
 
@@ -1347,9 +1350,16 @@ def _row_order(row: StudentRow) -> tuple:
             repr(row.first_name), repr(row.last_name), repr(row.class_of), repr(row.student_number))
 
 
-def plan(rows: Iterable[StudentRow], directory: Directory, settings: Settings,
-         today: dt.date, scope: Scope) -> Plan:
-    """Every change the scope needs, as a value.  No I/O, no clock, no environment."""
+@dataclass(frozen=True)
+class Decisions:
+    """The PowerSchool half of a plan: one decision per student in scope, and the notices."""
+
+    by_email: Mapping[str, Decision]
+    notices: tuple[Notice, ...]
+
+
+def decide_all(rows: Iterable[StudentRow], settings: Settings, today: dt.date, scope: Scope) -> Decisions:
+    """Weigh every student with a row in scope; needs nothing from Google."""
     notices: list[Notice] = []
     by_number: dict[int, list[StudentRow]] = {}
     for row in rows:
@@ -1365,8 +1375,6 @@ def plan(rows: Iterable[StudentRow], directory: Directory, settings: Settings,
         by_number.setdefault(number, []).append(row)
 
     decisions: dict[str, Decision] = {}
-    changes: list[Change] = []
-    unchanged = 0
     for number in sorted(by_number):
         # In a fixed order, so that the same rows give the same plan and messages every night
         # whatever order the database returns them in.
@@ -1377,18 +1385,32 @@ def plan(rows: Iterable[StudentRow], directory: Directory, settings: Settings,
         # but a NULL or non-numeric SCHOOLID is bad data for the student.
         weighable = [r for r in student_rows if r.school is not None or _as_int(r.school_id) is None]
         decision = decide(weighable, settings, today, notices)
-        if decision is None:
-            continue
-        decisions[decision.email.lower()] = decision
-        account = directory.accounts.get(decision.email.lower())
-        errors_before = sum(n.level == ERROR for n in notices)
-        change = change_for(decision, account, settings, directory.org_units, notices)
+        if decision is not None:
+            decisions[decision.email.lower()] = decision
+    return Decisions(by_email=MappingProxyType(decisions), notices=tuple(notices))
+
+
+def plan_changes(decisions: Decisions, directory: Directory, settings: Settings) -> Plan:
+    """The Google half of a plan: what each decided student's account needs."""
+    notices = list(decisions.notices)
+    changes: list[Change] = []
+    unchanged = 0
+    for key, decision in decisions.by_email.items():
+        own: list[Notice] = []
+        change = change_for(decision, directory.accounts.get(key), settings, directory.org_units, own)
+        notices.extend(own)
         if change is not None:
             changes.append(change)
-        elif sum(n.level == ERROR for n in notices) == errors_before:
+        elif not any(n.level == ERROR for n in own):
             unchanged += 1
     return Plan(changes=tuple(changes), notices=tuple(notices),
-                decisions=MappingProxyType(decisions), unchanged=unchanged)
+                decisions=decisions.by_email, unchanged=unchanged)
+
+
+def plan(rows: Iterable[StudentRow], directory: Directory, settings: Settings,
+         today: dt.date, scope: Scope) -> Plan:
+    """Every change the scope needs, as a value.  No I/O, no clock, no environment."""
+    return plan_changes(decide_all(rows, settings, today, scope), directory, settings)
 
 
 # =============================================================================
@@ -1432,20 +1454,33 @@ def is_retryable(exc: BaseException) -> bool:
 
 
 class RateLimiter:
-    """Spaces calls so that no more than `rate` start in any second (thread-safe)."""
+    """At most `rate` calls start in any window of a second (thread-safe).
+
+    A sliding window rather than even spacing: a short burst (a small run's few calls)
+    goes out at once, and no second ever holds more than the quota allows.  A little
+    slack on the window keeps arrivals at the server inside the limit too.
+    """
+
+    SLACK = 0.02
 
     def __init__(self, rate: float, clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], None] = time.sleep):
-        self.interval = 1.0 / rate
+        # Whole calls per second; below one a second, one call per 1/rate seconds.
+        self.capacity = max(1, int(rate))
+        self.window = max(1.0, 1.0 / rate) + self.SLACK
         self._clock, self._sleep = clock, sleep
-        self._next = -math.inf
+        self._starts: collections.deque[float] = collections.deque()
         self._lock = threading.Lock()
 
     def acquire(self) -> None:
         with self._lock:
             now = self._clock()
-            start = max(now, self._next)
-            self._next = start + self.interval
+            start = now
+            if len(self._starts) >= self.capacity:
+                start = max(now, self._starts[-self.capacity] + self.window)
+            self._starts.append(start)
+            while len(self._starts) > self.capacity:
+                self._starts.popleft()
         if start > now:
             self._sleep(start - now)
 
@@ -1611,7 +1646,8 @@ class Applier:
 
     def _groups_of(self, email: str) -> list[str]:
         groups_api = self.client.resource("groups")
-        request = groups_api.list(userKey=email, maxResults=200, fields="nextPageToken,groups(email)")
+        request = groups_api.list(userKey=email, maxResults=200, fields="nextPageToken,groups(email)",
+                                  prettyPrint=False)
         groups = []
         while request is not None:
             answer = self.policy.call(lambda: self.client.execute(request))
@@ -1853,9 +1889,8 @@ def save_school_counts(path: Path, counts: Mapping[int, int]) -> None:
     path.write_text(json.dumps(document, indent=1) + "\n", encoding="utf-8")
 
 
-def unowned_accounts(directory: Directory, rows: Iterable[StudentRow], settings: Settings) -> list[Account]:
-    """Accounts under the student OU prefix whose address is no PowerSchool student's."""
-    numbers = {n for n in (_as_int(r.student_number) for r in rows) if n is not None}
+def unowned_accounts(directory: Directory, numbers: set[int], settings: Settings) -> list[Account]:
+    """Accounts under the student OU prefix whose address is none of these student numbers'."""
     prefix = settings.ous.student_prefix.lower()
     suffix = settings.google.email_suffix
     found = []
@@ -2179,10 +2214,10 @@ def _password_problem(variable: str) -> str | None:
     return None
 
 
-def _safety_problems(plan_: Plan, rows: Sequence[StudentRow], active: Mapping[int, int], scope: Scope,
+def _safety_problems(plan_: Plan, row_count: int, active: Mapping[int, int], scope: Scope,
                      settings: Settings, previous_counts: Mapping[int, int]) -> list[str]:
     """Why this run must not go ahead without --allow-mass-changes; empty when it may."""
-    if not rows and scope.school_numbers:
+    if not row_count and scope.school_numbers:
         return [f"PowerSchool returned no students for {scope.describe()} "
                 f"({len(scope.school_numbers)} school(s)): stopping rather than suspending everyone; "
                 "check the database"]
@@ -2320,12 +2355,22 @@ def _is_db_error(exc: BaseException) -> bool:
 
 
 def _connect_google(run: Run) -> tuple[DirectoryClient, RetryPolicy, Directory]:
+    client, policy = _google_client(run)
+    return client, policy, _read_directory(run, client, policy)
+
+
+def _google_client(run: Run) -> tuple[DirectoryClient, RetryPolicy]:
+    """An authorized client (or a stop with what to do) and the run's retry policy."""
+    settings = run.settings
+    client = DirectoryClient(settings, google_credentials(settings))
+    return client, RetryPolicy(limiter=RateLimiter(settings.google.max_requests_per_second))
+
+
+def _read_directory(run: Run, client: DirectoryClient, policy: RetryPolicy) -> Directory:
     from google.auth.exceptions import RefreshError
     from googleapiclient.errors import HttpError
 
     settings = run.settings
-    client = DirectoryClient(settings, google_credentials(settings))
-    policy = RetryPolicy(limiter=RateLimiter(settings.google.max_requests_per_second))
     try:
         directory = read_directory(client, settings, policy)
     except HttpError as exc:
@@ -2338,7 +2383,7 @@ def _connect_google(run: Run) -> tuple[DirectoryClient, RetryPolicy, Directory]:
         raise GoogleError(f"Google: cannot reach {where}: {type(exc).__name__}") from None
     log.info("Google: %d accounts, %d OUs in %s", len(directory.accounts), len(directory.org_units),
              settings.google.domain)
-    return client, policy, directory
+    return directory
 
 
 def _apply(run: Run, kind: str, client: DirectoryClient, policy: RetryPolicy, directory: Directory,
@@ -2391,13 +2436,22 @@ def run_sync(run: Run) -> int:
     """A sync run (or dry run) for a scope."""
     args, settings = run.args, run.settings
     scope, rows = _read_powerschool(run, _scope_kind(args))
-    client, policy, directory = _connect_google(run)
     today = run.today()
-    active = active_counts(rows, scope)
-    plan_ = plan(rows, directory, settings, today, scope)
+    client, policy = _google_client(run)
+    # Google's listing is mostly waiting: weigh the PowerSchool rows meanwhile.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="directory") as pool:
+        reading = pool.submit(_read_directory, run, client, policy)
+        decisions = decide_all(rows, settings, today, scope)
+        active = active_counts(rows, scope)
+        row_count = len(rows)
+        numbers = {n for n in (_as_int(r.student_number) for r in rows) if n is not None}
+        del rows  # the largest district's rows are not needed past this point
+        directory = reading.result()
+    plan_ = plan_changes(decisions, directory, settings)
+    del decisions
     for notice in plan_.notices:
         _log_notice(notice)
-    unowned = unowned_accounts(directory, rows, settings) if scope.kind == "all" else []
+    unowned = unowned_accounts(directory, numbers, settings) if scope.kind == "all" else []
     for account in unowned[:50]:
         log.info("account %s in %s matches no PowerSchool student (report only)", account.email, account.org_unit)
     if len(unowned) > 50:
@@ -2408,7 +2462,7 @@ def run_sync(run: Run) -> int:
         log.info("plan written to %s", args.plan_out)
 
     counts_path = run.logs / "school_counts.json"
-    problems = _safety_problems(plan_, rows, active, scope, settings, load_school_counts(counts_path))
+    problems = _safety_problems(plan_, row_count, active, scope, settings, load_school_counts(counts_path))
     if problems and not args.allow_mass_changes:
         saved = run.logs / f"plan-{run.run_id}.json"
         write_plan_file(saved, plan_, scope=scope, today=today, settings=settings, run_id=run.run_id,

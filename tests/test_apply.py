@@ -1,0 +1,204 @@
+"""The rate limiter and the retry policy, on a fake clock; and writes under injected 429/503."""
+
+from __future__ import annotations
+
+import json
+
+import httplib2
+import pytest
+from googleapiclient.errors import HttpError
+
+import student_sync
+from conftest import WHS_10, email
+from testkit.directory_server import FaultPlan
+
+
+class FakeClock:
+    """time.monotonic and time.sleep that only move when somebody sleeps."""
+
+    def __init__(self):
+        self.now = 1000.0
+        self.slept: list[float] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
+
+def http_error(status: int, reason: str = "", body: bytes | None = None) -> HttpError:
+    if body is None:
+        body = json.dumps({"error": {"code": status, "message": "m",
+                                     "errors": [{"reason": reason, "domain": "global", "message": "m"}]}}).encode()
+    return HttpError(httplib2.Response({"status": status}), body, uri="http://127.0.0.1/x")
+
+
+# --- rate limiter -------------------------------------------------------------------------------
+
+
+def starts_of(limiter: student_sync.RateLimiter, clock: FakeClock, calls: int) -> list[float]:
+    starts = []
+    for _ in range(calls):
+        limiter.acquire()
+        starts.append(clock.now)
+    return starts
+
+
+def busiest_second(starts: list[float]) -> int:
+    return max(sum(1 for t in starts if s <= t < s + 1.0) for s in starts)
+
+
+def test_limiter_lets_a_small_burst_through_at_once():
+    clock = FakeClock()
+    limiter = student_sync.RateLimiter(35, clock=clock.clock, sleep=clock.sleep)
+
+    starts = starts_of(limiter, clock, 7)
+
+    assert clock.slept == []
+    assert starts == [1000.0] * 7
+
+
+@pytest.mark.parametrize("rate", [35, 9, 2.5, 0.5])
+def test_limiter_never_starts_more_than_the_rate_in_any_second(rate):
+    clock = FakeClock()
+    limiter = student_sync.RateLimiter(rate, clock=clock.clock, sleep=clock.sleep)
+
+    starts = starts_of(limiter, clock, 200)
+
+    assert busiest_second(starts) <= max(1, int(rate))
+    whole_calls = int(rate) if rate >= 1 else rate     # 2.5 a second is 2 in any second
+    assert 200 / (starts[-1] - starts[0] + 1 / whole_calls) > whole_calls * 0.9   # and not much fewer
+
+
+def test_limiter_sustains_its_rate_over_a_long_run():
+    clock = FakeClock()
+    limiter = student_sync.RateLimiter(35, clock=clock.clock, sleep=clock.sleep)
+
+    starts = starts_of(limiter, clock, 35 * 60)
+
+    assert 33 <= len(starts) / (starts[-1] - starts[0] + 1) <= 35
+
+
+# --- retry policy -------------------------------------------------------------------------------
+
+
+def policy_on(clock: FakeClock, attempts: int = 6) -> student_sync.RetryPolicy:
+    return student_sync.RetryPolicy(attempts=attempts, sleep=clock.sleep, jitter=lambda: 0.5)
+
+
+class Flaky:
+    """A request that fails with the given errors, then answers."""
+
+    def __init__(self, *errors: BaseException):
+        self.errors = list(errors)
+        self.calls = 0
+
+    def __call__(self):
+        self.calls += 1
+        if self.errors:
+            raise self.errors.pop(0)
+        return {"ok": True}
+
+
+@pytest.mark.parametrize("error", [
+    http_error(429, "rateLimitExceeded"),
+    http_error(403, "rateLimitExceeded"),
+    http_error(403, "userRateLimitExceeded"),
+    http_error(403, "quotaExceeded"),
+    http_error(500, "backendError"),
+    http_error(503, "backendError"),
+    http_error(502, body=b"<html><body>502 Bad Gateway</body></html>"),
+    ConnectionResetError(),
+    TimeoutError(),
+], ids=["429", "403-rate", "403-user-rate", "403-quota", "500", "503", "502-html", "reset", "timeout"])
+def test_retryable_answers_are_retried_with_exponential_backoff_and_jitter(error):
+    clock = FakeClock()
+    request = Flaky(error, error, error)
+
+    assert policy_on(clock).call(request) == {"ok": True}
+
+    assert request.calls == 4
+    assert clock.slept == [1.5, 2.5, 4.5]             # 2**n + jitter, n = 0, 1, 2
+
+
+@pytest.mark.parametrize("error", [
+    http_error(400, "invalid"), http_error(404, "notFound"), http_error(409, "duplicate"),
+    http_error(403, "forbidden"), http_error(401, "authError"),
+], ids=["400", "404", "409", "403-forbidden", "401"])
+def test_other_answers_are_not_retried(error):
+    clock = FakeClock()
+    request = Flaky(error)
+
+    with pytest.raises(HttpError):
+        policy_on(clock).call(request)
+
+    assert request.calls == 1
+    assert clock.slept == []
+
+
+def test_retries_stop_after_the_last_attempt_and_the_error_propagates():
+    clock = FakeClock()
+    request = Flaky(*[http_error(503, "backendError")] * 10)
+
+    with pytest.raises(HttpError) as raised:
+        policy_on(clock, attempts=5).call(request)
+
+    assert raised.value.status_code == 503
+    assert request.calls == 5
+    assert clock.slept == [1.5, 2.5, 4.5, 8.5]
+
+
+def test_backoff_is_capped():
+    policy = student_sync.RetryPolicy(max_delay=32, jitter=lambda: 1.0)
+    assert [policy.delay(n) for n in range(8)] == [2, 3, 5, 9, 17, 33, 33, 33]
+
+
+def test_a_refused_connection_fails_fast():
+    clock = FakeClock()
+    request = Flaky(*[ConnectionRefusedError()] * 10)
+
+    with pytest.raises(ConnectionRefusedError):
+        policy_on(clock).call(request)
+
+    assert request.calls == student_sync.RetryPolicy().refused_attempts
+
+
+def test_every_attempt_waits_for_the_rate_limiters():
+    clock = FakeClock()
+    calls = []
+
+    class Counting(student_sync.RateLimiter):
+        def acquire(self):
+            calls.append(self)
+
+    overall, creates = Counting(35), Counting(9)
+    policy = student_sync.RetryPolicy(sleep=clock.sleep, jitter=lambda: 0, limiter=overall)
+
+    policy.call(Flaky(http_error(503, "backendError")), limiters=(creates,))
+
+    assert calls == [overall, creates, overall, creates]
+
+
+# --- end to end: every change lands although the server answers 429/503 for a share of writes --
+
+
+def test_run_applies_every_change_while_the_server_sheds_load(sync, monkeypatch):
+    monkeypatch.setattr(student_sync.RetryPolicy, "delay", lambda self, retry: 0.0)
+    for number in range(8000, 8040):
+        sync.student(number, grade=10)
+        sync.account(number)                 # 9th-grade OU: every one moves
+    for number in range(8040, 8060):
+        sync.student(number, grade=10)       # new: created
+    sync.server.faults = FaultPlan(rate=0.3, statuses=(429, 503, "403-userRateLimitExceeded"),
+                                   only_writes=True, seed=4)
+
+    result = sync.run("--all")
+
+    assert result.code == 0, result.output
+    refused = [r for r in sync.server.requests if r.status in (403, 429, 503)]
+    assert len(refused) >= 10
+    for number in range(8000, 8060):
+        user = sync.server.user(email(number))
+        assert user is not None and user["orgUnitPath"] == WHS_10, number
