@@ -304,11 +304,12 @@ SYNTHETIC_SCHOOLS = 20
 
 
 def build_synthetic_district(folder: Path, server: Any, students: int, *, changed_share: float = 0.0,
-                             provisioned: bool = True, year: int = 2026, seed: int = 7) -> Path:
+                             provisioned: bool = True, year: int = 2026, seed: int = 7,
+                             kinds: tuple[str, ...] = ("move", "rename", "suspend")) -> Path:
     """`students` active students over SYNTHETIC_SCHOOLS schools, with accounts.
 
     `provisioned` False leaves every account to create; `changed_share` of the accounts
-    need a move, a rename or a suspension (a third each).
+    need a change, shared equally among `kinds` (move, rename, suspend).
     """
     rng = random.Random(seed)
     abbreviations = [f"S{n:02d}" for n in range(1, SYNTHETIC_SCHOOLS + 1)]
@@ -330,11 +331,12 @@ def build_synthetic_district(folder: Path, server: Any, students: int, *, change
             if provisioned:
                 given, org_unit = first, ou
                 roll = rng.random()
-                if roll < changed_share / 3:
+                kind = kinds[int(roll / changed_share * len(kinds))] if roll < changed_share else None
+                if kind == "move":
                     org_unit = building_ou(abbreviations[(school_index + 1) % SYNTHETIC_SCHOOLS]) + GRADES[grade]
-                elif roll < 2 * changed_share / 3:
+                elif kind == "rename":
                     given = first + "x"
-                elif roll < changed_share:
+                elif kind == "suspend":
                     status = 2
                 server.add_user(f"{number}{SUFFIX}", given=given, family=last, org_unit=org_unit,
                                 custom=attributes(school, class_of))
