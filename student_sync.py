@@ -21,6 +21,7 @@ import csv
 import dataclasses
 import datetime as dt
 import decimal
+import functools
 import json
 import logging
 import math
@@ -684,6 +685,13 @@ class Account:
     attributes: Mapping[str, str] = field(default_factory=dict)
 
 
+@functools.lru_cache(maxsize=65536)
+def shared_mapping(items: tuple[tuple[str, str], ...]) -> Mapping[str, str]:
+    """One read-only mapping per distinct set of attribute values: a district of
+    100,000 students has a few hundred (school, class year) pairs, not 100,000."""
+    return MappingProxyType(dict(items))
+
+
 @dataclass(frozen=True)
 class Directory:
     """The snapshot a plan is made from: accounts by lower-cased email, OUs by lower-cased path."""
@@ -699,21 +707,21 @@ def account_from_resource(resource: Mapping[str, Any], category: str) -> Account
     """Read the fields the rules need from a users resource."""
     name = resource.get("name") or {}
     fields = (resource.get("customSchemas") or {}).get(category) or {}
-    attributes = {}
+    attributes = []
     for key, value in fields.items():
         if isinstance(value, list):  # a multi-valued field: [{"value": ...}, ...]
             value = value[0].get("value") if value and isinstance(value[0], dict) else None
         if value is not None:
-            attributes[sys.intern(key)] = sys.intern(str(value))
-    # OU paths and attribute values repeat across a district: interned, 100,000 accounts
-    # hold one copy of each.
+            attributes.append((key, str(value)))
+    # Names, OU paths and attribute values repeat across a district: 100,000 accounts
+    # share one copy of each.
     return Account(
         email=resource["primaryEmail"],
-        given_name=name.get("givenName") or "",
-        family_name=name.get("familyName") or "",
+        given_name=sys.intern(name.get("givenName") or ""),
+        family_name=sys.intern(name.get("familyName") or ""),
         suspended=bool(resource.get("suspended", False)),
         org_unit=sys.intern(resource.get("orgUnitPath") or "/"),
-        attributes=attributes,
+        attributes=shared_mapping(tuple(sorted(attributes))),
     )
 
 
@@ -893,8 +901,10 @@ class _TwoEndedListing:
     to the end on its own.
     """
 
-    def __init__(self, client: DirectoryClient, settings: Settings, policy: "RetryPolicy"):
+    def __init__(self, client: DirectoryClient, settings: Settings, policy: "RetryPolicy",
+                 cancel: threading.Event | None = None):
         self.client, self.settings, self.policy = client, settings, policy
+        self.cancel = cancel or threading.Event()
         self.category = settings.custom_schema.category
         self.accounts: dict[str, Account] = {}
         self._lock = threading.Lock()
@@ -912,7 +922,7 @@ class _TwoEndedListing:
         return self.accounts
 
     def _met(self) -> bool:
-        if self._finished:
+        if self._finished or self.cancel.is_set():
             return True
         if self._unordered or self._highest_up is None or self._lowest_down is None:
             return False
@@ -942,8 +952,8 @@ class _TwoEndedListing:
             in_order = all((a < b) if ascending else (a > b) for a, b in zip(keys_in_order, keys_in_order[1:]))
             request = users.list_next(request, answer)
             with self._lock:
-                for key, account in zip(keys, page):
-                    self.accounts[key] = account
+                for account in page:
+                    self.accounts[_key(account.email)] = account
                 if not in_order:
                     self._unordered = True
                     if not ascending:
@@ -959,16 +969,22 @@ class _TwoEndedListing:
                 previous = keys[-1]
 
 
-def read_accounts(client: DirectoryClient, settings: Settings, policy: "RetryPolicy") -> dict[str, Account]:
-    """Every account of the domain, in pages of 500, keyed by lower-cased primary email."""
-    return _TwoEndedListing(client, settings, policy).read()
+def read_accounts(client: DirectoryClient, settings: Settings, policy: "RetryPolicy",
+                  cancel: threading.Event | None = None) -> dict[str, Account]:
+    """Every account of the domain, in pages of 500, keyed by lower-cased primary email.
+
+    Setting `cancel` stops the listing after the pages in flight (the result is then
+    incomplete and must not be used).
+    """
+    return _TwoEndedListing(client, settings, policy, cancel).read()
 
 
-def read_directory(client: DirectoryClient, settings: Settings, policy: "RetryPolicy") -> Directory:
+def read_directory(client: DirectoryClient, settings: Settings, policy: "RetryPolicy",
+                   cancel: threading.Event | None = None) -> Directory:
     """Accounts and OUs, read at the same time."""
     with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="orgunits") as pool:
         org_units = pool.submit(read_org_units, client, policy)
-        accounts = read_accounts(client, settings, policy)
+        accounts = read_accounts(client, settings, policy, cancel)
         return Directory(accounts=accounts, org_units=org_units.result())
 
 
@@ -1126,6 +1142,12 @@ def is_frozen(org_unit: str, frozen: Iterable[str]) -> bool:
     return False
 
 
+def _key(email: str) -> str:
+    """The lower-cased address, reusing the string when it is lower-case already."""
+    lowered = email.lower()
+    return email if lowered == email else lowered
+
+
 def email_for(student_number: int, settings: Settings) -> str:
     return f"{student_number}{settings.google.email_suffix}"
 
@@ -1212,18 +1234,19 @@ def decide(rows: Sequence[StudentRow], settings: Settings, today: dt.date,
         notice(ERROR, f"bad PowerSchool data: {exc}; nothing changed for this student")
         return None
     schema = settings.custom_schema
-    attributes = {schema.school_field: sys.intern(str(status["school_number"]))}
+    attributes = {schema.school_field: str(status["school_number"])}
     if status["class_of"] is not None:
-        attributes[schema.grad_year_field] = sys.intern(str(status["class_of"]))
+        attributes[schema.grad_year_field] = str(status["class_of"])
     elif row.class_of is None:
         notice(WARNING, "CLASSOF is empty in PowerSchool: graduation year left out")
     else:
         notice(WARNING, f"CLASSOF {row.class_of!r} is not a year: graduation year left out")
     return Decision(
         student_number=student_number, email=email,
-        first_name=normalize_name(row.first_name), last_name=normalize_name(row.last_name),
+        first_name=sys.intern(normalize_name(row.first_name)),
+        last_name=sys.intern(normalize_name(row.last_name)),
         should_be_active=status["should_be_active"], graduated=status["graduated"],
-        target_ou=sys.intern(target_ou), attributes=attributes,
+        target_ou=sys.intern(target_ou), attributes=shared_mapping(tuple(attributes.items())),
         school_number=status["school_number"],
     )
 
@@ -1386,7 +1409,7 @@ def decide_all(rows: Iterable[StudentRow], settings: Settings, today: dt.date, s
         weighable = [r for r in student_rows if r.school is not None or _as_int(r.school_id) is None]
         decision = decide(weighable, settings, today, notices)
         if decision is not None:
-            decisions[decision.email.lower()] = decision
+            decisions[_key(decision.email)] = decision
     return Decisions(by_email=MappingProxyType(decisions), notices=tuple(notices))
 
 
@@ -2331,12 +2354,16 @@ class Run:
         return self.args.as_of or dt.date.today()
 
 
-def _read_powerschool(run: Run, kind: str) -> tuple[Scope, list[StudentRow]]:
+def _read_powerschool(run: Run, kind: str,
+                      scope_known: Callable[[Scope], None] | None = None) -> tuple[Scope, list[StudentRow]]:
+    """The scope's rows; `scope_known` is called once the scope is valid, before the rows are read."""
     connection = connect_powerschool(run.settings)
     try:
         try:
             schools = read_schools(connection)
             scope = resolve_scope(kind, schools, run.args.building or ())
+            if scope_known:
+                scope_known(scope)
             rows = read_students(connection, scope, schools)
         except StopRun:
             raise
@@ -2366,13 +2393,14 @@ def _google_client(run: Run) -> tuple[DirectoryClient, RetryPolicy]:
     return client, RetryPolicy(limiter=RateLimiter(settings.google.max_requests_per_second))
 
 
-def _read_directory(run: Run, client: DirectoryClient, policy: RetryPolicy) -> Directory:
+def _read_directory(run: Run, client: DirectoryClient, policy: RetryPolicy,
+                    cancel: threading.Event | None = None) -> Directory:
     from google.auth.exceptions import RefreshError
     from googleapiclient.errors import HttpError
 
     settings = run.settings
     try:
-        directory = read_directory(client, settings, policy)
+        directory = read_directory(client, settings, policy, cancel)
     except HttpError as exc:
         raise GoogleError(f"Google: cannot read the directory of {settings.google.domain}: "
                           f"{describe_http_error(exc)}") from None
@@ -2435,18 +2463,29 @@ def _finish(run: Run, outcomes: Sequence[Outcome], notices: Sequence[Notice], un
 def run_sync(run: Run) -> int:
     """A sync run (or dry run) for a scope."""
     args, settings = run.args, run.settings
-    scope, rows = _read_powerschool(run, _scope_kind(args))
     today = run.today()
-    client, policy = _google_client(run)
-    # Google's listing is mostly waiting: weigh the PowerSchool rows meanwhile.
+    # Google's listing is mostly waiting: once PowerSchool has vouched for the scope, the
+    # directory is read while the students are read and weighed.
+    cancel = threading.Event()
     with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="directory") as pool:
-        reading = pool.submit(_read_directory, run, client, policy)
-        decisions = decide_all(rows, settings, today, scope)
-        active = active_counts(rows, scope)
-        row_count = len(rows)
-        numbers = {n for n in (_as_int(r.student_number) for r in rows) if n is not None}
-        del rows  # the largest district's rows are not needed past this point
-        directory = reading.result()
+        started: list[Any] = []
+
+        def read_google(scope: Scope) -> None:
+            client, policy = _google_client(run)
+            started.append((client, policy, pool.submit(_read_directory, run, client, policy, cancel)))
+
+        try:
+            scope, rows = _read_powerschool(run, _scope_kind(args), read_google)
+            decisions = decide_all(rows, settings, today, scope)
+            active = active_counts(rows, scope)
+            row_count = len(rows)
+            numbers = {n for n in (_as_int(r.student_number) for r in rows) if n is not None}
+            del rows  # the largest district's rows are not needed past this point
+            client, policy, reading = started[0]
+            directory = reading.result()
+        except BaseException:
+            cancel.set()  # do not wait for a listing nobody will use
+            raise
     plan_ = plan_changes(decisions, directory, settings)
     del decisions
     for notice in plan_.notices:
