@@ -902,9 +902,10 @@ class _TwoEndedListing:
     """
 
     def __init__(self, client: DirectoryClient, settings: Settings, policy: "RetryPolicy",
-                 cancel: threading.Event | None = None):
+                 cancel: threading.Event | None = None, pages: Callable[[int], None] | None = None):
         self.client, self.settings, self.policy = client, settings, policy
         self.cancel = cancel or threading.Event()
+        self.pages = pages or (lambda count: None)
         self.category = settings.custom_schema.category
         self.accounts: dict[str, Account] = {}
         self._lock = threading.Lock()
@@ -951,6 +952,7 @@ class _TwoEndedListing:
                 keys_in_order = keys
             in_order = all((a < b) if ascending else (a > b) for a, b in zip(keys_in_order, keys_in_order[1:]))
             request = users.list_next(request, answer)
+            self.pages(len(page))
             with self._lock:
                 for account in page:
                     self.accounts[_key(account.email)] = account
@@ -970,21 +972,23 @@ class _TwoEndedListing:
 
 
 def read_accounts(client: DirectoryClient, settings: Settings, policy: "RetryPolicy",
-                  cancel: threading.Event | None = None) -> dict[str, Account]:
+                  cancel: threading.Event | None = None,
+                  pages: Callable[[int], None] | None = None) -> dict[str, Account]:
     """Every account of the domain, in pages of 500, keyed by lower-cased primary email.
 
     Setting `cancel` stops the listing after the pages in flight (the result is then
-    incomplete and must not be used).
+    incomplete and must not be used); `pages` hears the size of each page read.
     """
-    return _TwoEndedListing(client, settings, policy, cancel).read()
+    return _TwoEndedListing(client, settings, policy, cancel, pages).read()
 
 
 def read_directory(client: DirectoryClient, settings: Settings, policy: "RetryPolicy",
-                   cancel: threading.Event | None = None) -> Directory:
+                   cancel: threading.Event | None = None,
+                   pages: Callable[[int], None] | None = None) -> Directory:
     """Accounts and OUs, read at the same time."""
     with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="orgunits") as pool:
         org_units = pool.submit(read_org_units, client, policy)
-        accounts = read_accounts(client, settings, policy, cancel)
+        accounts = read_accounts(client, settings, policy, cancel, pages)
         return Directory(accounts=accounts, org_units=org_units.result())
 
 
@@ -2399,8 +2403,9 @@ def _read_directory(run: Run, client: DirectoryClient, policy: RetryPolicy,
     from googleapiclient.errors import HttpError
 
     settings = run.settings
+    progress = Progress("reading Google accounts")
     try:
-        directory = read_directory(client, settings, policy, cancel)
+        directory = read_directory(client, settings, policy, cancel, progress.step)
     except HttpError as exc:
         raise GoogleError(f"Google: cannot read the directory of {settings.google.domain}: "
                           f"{describe_http_error(exc)}") from None
@@ -2409,6 +2414,8 @@ def _read_directory(run: Run, client: DirectoryClient, policy: RetryPolicy,
     except OSError as exc:
         where = settings.google.api_endpoint or "Google"
         raise GoogleError(f"Google: cannot reach {where}: {type(exc).__name__}") from None
+    finally:
+        progress.close()
     log.info("Google: %d accounts, %d OUs in %s", len(directory.accounts), len(directory.org_units),
              settings.google.domain)
     return directory
@@ -2595,6 +2602,7 @@ def run_check(run: Run) -> int:
     report(True, f"settings {settings.path} are valid")
     rows: list[StudentRow] = []
     scope: Scope | None = None
+    counts: dict[int, int] = {}
     try:
         connection = connect_powerschool(settings)
         version = getattr(connection, "version", None) or f"SQLite {sqlite3.sqlite_version}"
@@ -2619,6 +2627,9 @@ def run_check(run: Run) -> int:
         if scope is not None:
             decisions = plan(rows, directory, settings, run.today(), scope).decisions
             needed |= {d.target_ou for d in decisions.values()}
+            schools = {r.school for r in rows if r.school is not None and r.school.number in scope.school_numbers}
+            needed |= {f"{settings.ous.student_prefix}{school.abbreviation}{settings.ous.building_suffix}"
+                       for school in schools if school.abbreviation and counts.get(school.number)}
         missing = sorted(ou for ou in needed if ou.lower() not in directory.org_units)
         report(not missing, f"all {len(needed)} OUs the rules target exist" if not missing else
                f"{len(missing)} OUs the rules target are missing in Google (create them in the Admin "
