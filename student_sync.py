@@ -1631,7 +1631,7 @@ class Applier:
         # lost).  Read it and bring it in step by rule 2.
         get = users.get(userKey=change.email, projection="custom",
                         customFieldMask=self.settings.custom_schema.category, fields=_USER_FIELDS)
-        resource = self.policy.call(lambda: self.client.execute(get))
+        resource = self._read_new_account(get)
         account = account_from_resource(resource, self.settings.custom_schema.category)
         notices: list[Notice] = []
         decision = self.decisions.get(change.email.lower())
@@ -1649,6 +1649,20 @@ class Applier:
             return Outcome(change, "failed: account exists and would be suspended")
         self._update(follow_up.email, follow_up.after)
         return Outcome(change, "applied", note=f"account already existed: {follow_up.describe()}")
+
+    def _read_new_account(self, get: Any) -> Any:
+        """Read an account that "already exists": Google may answer 404 for a few seconds
+        after it was created."""
+        from googleapiclient.errors import HttpError
+
+        for wait in (1.0, 2.0, 4.0, None):
+            try:
+                return self.policy.call(lambda: self.client.execute(get))
+            except HttpError as exc:
+                if _http_error_parts(exc)[0] != 404 or wait is None:
+                    raise
+                self.policy.sleep(wait)
+        raise AssertionError("unreachable")
 
     def _suspend(self, change: Change) -> Outcome:
         from googleapiclient.errors import HttpError
