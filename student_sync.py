@@ -786,8 +786,7 @@ def google_credentials(settings: Settings, *, interactive: bool = False) -> Any:
     gg = settings.google
     if gg.auth == "none":
         return None
-    from google.auth.exceptions import GoogleAuthError, RefreshError
-    from google.auth.transport.requests import Request
+    from google.auth.exceptions import GoogleAuthError
 
     if gg.auth == "service_account":
         from google.oauth2 import service_account
@@ -802,12 +801,7 @@ def google_credentials(settings: Settings, *, interactive: bool = False) -> Any:
         except (ValueError, KeyError, GoogleAuthError) as exc:
             raise GoogleError(f"Google: service account key {gg.service_account_file} is not usable: "
                               f"{type(exc).__name__}") from None
-        try:
-            credentials.refresh(Request())
-        except RefreshError as exc:
-            raise GoogleError(_describe_refresh_error(exc, settings)) from None
-        except (OSError, GoogleAuthError) as exc:
-            raise GoogleError(f"Google: cannot reach Google to authorize: {type(exc).__name__}") from None
+        _refresh(credentials, settings, "to authorize")
         return credentials
 
     from google.oauth2.credentials import Credentials
@@ -827,14 +821,22 @@ def google_credentials(settings: Settings, *, interactive: bool = False) -> Any:
     if not credentials.refresh_token:
         raise GoogleError(f"Google: token in {gg.token_file} has expired and cannot be refreshed: run "
                           "'python student_sync.py --authorize' again")
+    _refresh(credentials, settings, "to refresh the token")
+    _write_private(gg.token_file, credentials.to_json())
+    return credentials
+
+
+def _refresh(credentials: Any, settings: Settings, purpose: str) -> None:
+    """Get a fresh access token, or stop the run saying what to do."""
+    from google.auth.exceptions import GoogleAuthError, RefreshError
+    from google.auth.transport.requests import Request
+
     try:
         credentials.refresh(Request())
     except RefreshError as exc:
         raise GoogleError(_describe_refresh_error(exc, settings)) from None
     except (OSError, GoogleAuthError) as exc:
-        raise GoogleError(f"Google: cannot reach Google to refresh the token: {type(exc).__name__}") from None
-    _write_private(gg.token_file, credentials.to_json())
-    return credentials
+        raise GoogleError(f"Google: cannot reach Google {purpose}: {type(exc).__name__}") from None
 
 
 def _authorize_interactively(settings: Settings) -> Any:

@@ -358,14 +358,20 @@ def _not_a_plan(kind: str, real: dict) -> str:
     raise AssertionError(kind)
 
 
+def create_and_move_plan(sync, tmp_path, base: int):
+    """A reviewed plan with one create (`base`) and one move (`base + 1`)."""
+    sync.student(base)
+    sync.student(base + 1)
+    sync.account(base + 1, org_unit=WHS_10)
+    plan_path = tmp_path / "real.json"
+    assert sync.run("--all", "--dry-run", "--plan-out", str(plan_path)).code == 0
+    return plan_path
+
+
 @pytest.mark.parametrize("kind", ["text", "empty-object", "list", "wrong-format", "change-without-before",
                                   "unknown-action", "changes-not-a-list", "missing-file"])
 def test_apply_plan_refuses_a_file_that_is_not_a_plan(sync, tmp_path, kind):
-    sync.student(2501)
-    sync.student(2502)
-    sync.account(2502, org_unit=WHS_10)
-    real_path = tmp_path / "real.json"
-    assert sync.run("--all", "--dry-run", "--plan-out", str(real_path)).code == 0
+    real_path = create_and_move_plan(sync, tmp_path, 2501)
     bad = tmp_path / "bad.json"
     if kind != "missing-file":
         bad.write_text(_not_a_plan(kind, json.loads(real_path.read_text(encoding="utf-8"))), encoding="utf-8")
@@ -395,11 +401,7 @@ def test_applying_the_same_plan_twice_changes_nothing_the_second_time(sync, tmp_
 
 
 def test_apply_plan_with_creates_and_no_password_exits_2_and_changes_nothing(sync, tmp_path, monkeypatch):
-    sync.student(2801)
-    sync.student(2802)
-    sync.account(2802, org_unit=WHS_10)
-    plan_path = tmp_path / "plan.json"
-    assert sync.run("--all", "--dry-run", "--plan-out", str(plan_path)).code == 0
+    plan_path = create_and_move_plan(sync, tmp_path, 2801)
     monkeypatch.delenv("NEW_USER_PASSWORD")
 
     result = sync.run("--apply-plan", str(plan_path))
