@@ -1486,8 +1486,9 @@ class RateLimiter:
     """At most `rate` calls start in any window of a second (thread-safe).
 
     A sliding window rather than even spacing: a short burst (a small run's few calls)
-    goes out at once, and no second ever holds more than the quota allows.  A little
-    slack on the window keeps arrivals at the server inside the limit too.
+    goes out at once, and no second ever holds more than the quota allows.  Calls are
+    counted when they are let through, not when they asked; a little slack on the
+    window keeps their arrival at the server inside the limit too.
     """
 
     SLACK = 0.02
@@ -1498,20 +1499,18 @@ class RateLimiter:
         self.capacity = max(1, int(rate))
         self.window = max(1.0, 1.0 / rate) + self.SLACK
         self._clock, self._sleep = clock, sleep
-        self._starts: collections.deque[float] = collections.deque()
+        self._granted: collections.deque[float] = collections.deque(maxlen=self.capacity)
         self._lock = threading.Lock()
 
     def acquire(self) -> None:
-        with self._lock:
-            now = self._clock()
-            start = now
-            if len(self._starts) >= self.capacity:
-                start = max(now, self._starts[-self.capacity] + self.window)
-            self._starts.append(start)
-            while len(self._starts) > self.capacity:
-                self._starts.popleft()
-        if start > now:
-            self._sleep(start - now)
+        while True:
+            with self._lock:
+                now = self._clock()
+                if len(self._granted) < self.capacity or now >= self._granted[0] + self.window:
+                    self._granted.append(now)
+                    return
+                wait = self._granted[0] + self.window - now
+            self._sleep(wait)
 
 
 @dataclass
