@@ -1308,11 +1308,11 @@ def change_for(decision: Decision, account: Account | None, settings: Settings,
             labels.append("suspend")
             before["suspended"], after["suspended"] = False, True
         if ou_differs:
+            if target_ou is None:
+                notice(ERROR, f"not suspended: OU {decision.target_ou} does not exist in Google")
+                return None
             labels.append("move")
             before["orgUnitPath"], after["orgUnitPath"] = account.org_unit, target_ou
-        if target_ou is None:
-            notice(ERROR, f"not suspended: OU {decision.target_ou} does not exist in Google")
-            return None
         remove_groups = not account.suspended and settings.accounts.remove_groups_on_suspend
         return Change(decision.student_number, account.email, "suspend", tuple(labels),
                       before, after, remove_groups=remove_groups)
@@ -1485,32 +1485,43 @@ def is_retryable(exc: BaseException) -> bool:
 class RateLimiter:
     """At most `rate` calls start in any window of a second (thread-safe).
 
-    A sliding window rather than even spacing: a short burst (a small run's few calls)
-    goes out at once, and no second ever holds more than the quota allows.  Calls are
-    counted when they are let through, not when they asked; a little slack on the
-    window keeps their arrival at the server inside the limit too.
+    Two rules together: a token bucket lets a short burst (up to BURST calls, a small
+    run's few reads) go out at once and then spaces calls evenly at the rate; a sliding
+    window over the last `rate` calls makes sure no second ever holds more.  Calls are
+    counted when they are let through, and the window has some slack, so that their
+    arrival at the server stays inside the limit too.
     """
 
-    SLACK = 0.02
+    BURST = 8
+    SLACK = 0.05
 
     def __init__(self, rate: float, clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], None] = time.sleep):
         # Whole calls per second; below one a second, one call per 1/rate seconds.
+        self.rate = rate
         self.capacity = max(1, int(rate))
         self.window = max(1.0, 1.0 / rate) + self.SLACK
+        self.burst = min(self.BURST, self.capacity)
         self._clock, self._sleep = clock, sleep
         self._granted: collections.deque[float] = collections.deque(maxlen=self.capacity)
+        self._tokens = float(self.burst)
+        self._filled = clock()
         self._lock = threading.Lock()
 
     def acquire(self) -> None:
         while True:
             with self._lock:
                 now = self._clock()
-                if len(self._granted) < self.capacity or now >= self._granted[0] + self.window:
+                self._tokens = min(self.burst, self._tokens + (now - self._filled) * self.rate)
+                self._filled = now
+                window_free = len(self._granted) < self.capacity or now >= self._granted[0] + self.window
+                if self._tokens >= 1 and window_free:
+                    self._tokens -= 1
                     self._granted.append(now)
                     return
-                wait = self._granted[0] + self.window - now
-            self._sleep(wait)
+                wait = max((1 - self._tokens) / self.rate,
+                           0.0 if window_free else self._granted[0] + self.window - now)
+            self._sleep(max(wait, 0.001))
 
 
 @dataclass

@@ -78,7 +78,8 @@ def test_limiter_sustains_its_rate_over_a_long_run():
 
     starts = starts_of(limiter, clock, 35 * 60)
 
-    assert 33 <= len(starts) / (starts[-1] - starts[0] + 1) <= 35
+    observed = len(starts) / (starts[-1] - starts[0] + 1)
+    assert 35 / (1 + student_sync.RateLimiter.SLACK) * 0.97 <= observed <= 35
 
 
 # --- retry policy -------------------------------------------------------------------------------
