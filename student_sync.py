@@ -24,7 +24,6 @@ import decimal
 import functools
 import json
 import logging
-import math
 import os
 import random
 import re
@@ -884,7 +883,7 @@ def read_org_units(client: DirectoryClient, policy: "RetryPolicy") -> dict[str, 
     """Every OU of the domain: lower-cased path -> path as Google spells it."""
     request = client.resource("orgunits").list(
         customerId="my_customer", type="all", fields="organizationUnits(orgUnitPath)", prettyPrint=False)
-    answer = policy.call(lambda: client.execute(request))
+    answer = policy.call(functools.partial(client.execute, request))
     units = {"/": "/"}
     for unit in answer.get("organizationUnits", []) or []:
         path = unit.get("orgUnitPath")
@@ -944,7 +943,7 @@ class _TwoEndedListing:
             with self._lock:
                 if self._met() or (self._unordered and not ascending):
                     return
-            answer = self.policy.call(lambda: self.client.execute(request))
+            answer = self.policy.call(functools.partial(self.client.execute, request))
             page = [account_from_resource(r, self.category)
                     for r in answer.get("users", []) or [] if r.get("primaryEmail")]
             keys = [a.email.lower() for a in page]
@@ -1626,7 +1625,7 @@ class Applier:
 
     def _update(self, email: str, body: Mapping[str, Any]) -> None:
         request = self.client.resource("users").update(userKey=email, body=dict(body), fields="primaryEmail")
-        self.policy.call(lambda: self.client.execute(request))
+        self.policy.call(functools.partial(self.client.execute, request))
 
     def _create(self, change: Change) -> Outcome:
         from googleapiclient.errors import HttpError
@@ -1634,7 +1633,7 @@ class Applier:
         users = self.client.resource("users")
         insert = users.insert(body=dict(change.after, password=self._password), fields="primaryEmail")
         try:
-            self.policy.call(lambda: self.client.execute(insert), limiters=(self.creates,))
+            self.policy.call(functools.partial(self.client.execute, insert), limiters=(self.creates,))
             return Outcome(change, "applied")
         except HttpError as exc:
             if _http_error_parts(exc)[0] != 409:
@@ -1669,7 +1668,7 @@ class Applier:
 
         for wait in (1.0, 2.0, 4.0, None):
             try:
-                return self.policy.call(lambda: self.client.execute(get))
+                return self.policy.call(functools.partial(self.client.execute, get))
             except HttpError as exc:
                 if _http_error_parts(exc)[0] != 404 or wait is None:
                     raise
@@ -1687,7 +1686,7 @@ class Applier:
             for group in self._groups_of(change.email):
                 delete = members.delete(groupKey=group, memberKey=change.email)
                 try:
-                    self.policy.call(lambda: self.client.execute(delete))
+                    self.policy.call(functools.partial(self.client.execute, delete))
                     removed.append(group)
                 except HttpError as exc:
                     if _http_error_parts(exc)[0] == 404:
@@ -1703,7 +1702,7 @@ class Applier:
                                   prettyPrint=False)
         groups = []
         while request is not None:
-            answer = self.policy.call(lambda: self.client.execute(request))
+            answer = self.policy.call(functools.partial(self.client.execute, request))
             groups.extend(g["email"] for g in answer.get("groups", []) or [] if g.get("email"))
             request = groups_api.list_next(request, answer)
         return groups

@@ -269,7 +269,7 @@ def build_demo_district(folder: Path, server: Any, year: int) -> dict[str, list[
                     first, last = first.upper(), last.upper()
                     note("create", number)
                 ps.student(number, first, last, class_of, status, school, grade)
-        for i in range(8):  # last year's graduates: suspended into the graduated OU
+        for _ in range(8):  # last year's graduates: suspended into the graduated OU
             number += 1
             first, last = rng.choice(_FIRST), rng.choice(_LAST)
             ps.student(number, first, last, year - 1, 3, 999999, 99)
