@@ -366,7 +366,11 @@ def load_settings(path: Path) -> Settings:
 
 
 def settings_from_dict(raw: Mapping[str, Any], path: Path) -> Settings:
-    """Build Settings from parsed TOML; relative paths are relative to `path`'s folder."""
+    """Build Settings from parsed TOML.
+
+    Relative paths are relative to the settings file's folder, except the logs folder,
+    which is relative to the script's.
+    """
     values = _read_sections(raw)
     base = Path(path).resolve().parent
 
@@ -395,6 +399,10 @@ def settings_from_dict(raw: Mapping[str, Any], path: Path) -> Settings:
     if endpoint is not None:
         if not re.match(r"https?://", endpoint):
             raise SettingsError(f'settings: [google] api_endpoint: "{endpoint}" must start with http:// or https://')
+        loopback = re.match(r"http://(127\.[0-9.]+|localhost|\[::1\])(:[0-9]+)?/", endpoint.rstrip("/") + "/")
+        if gg["auth"] != "none" and endpoint.startswith("http://") and not loopback:
+            raise SettingsError(f'settings: [google] api_endpoint: "{endpoint}" would carry Google tokens '
+                                "unencrypted: use https://")
         endpoint = endpoint.rstrip("/") + "/"
     for key in ("category", "school_field", "grad_year_field"):
         if not cs[key].strip():
@@ -456,7 +464,8 @@ def settings_from_dict(raw: Mapping[str, Any], path: Path) -> Settings:
             max_suspensions=values["safety"]["max_suspensions"],
             max_school_drop_percent=values["safety"]["max_school_drop_percent"],
         ),
-        logging=LoggingSettings(dir=local(values["logging"]["dir"]), keep=values["logging"]["keep"]),
+        # The logs stay beside the script (SPEC 5), wherever the settings file is.
+        logging=LoggingSettings(dir=SCRIPT_DIR / values["logging"]["dir"], keep=values["logging"]["keep"]),
         email=email,
         raw=MappingProxyType(dict(raw)),
     )
@@ -871,12 +880,14 @@ def _write_private(path: Path, text: str) -> None:
     """Write a secret file readable by its owner only (where the platform allows)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text, encoding="utf-8")
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        os.chmod(temporary, 0o600)
-    except OSError:
-        pass
-    os.replace(temporary, path)
+        with os.fdopen(descriptor, "w", encoding="utf-8") as stream:
+            stream.write(text)
+        os.replace(temporary, path)
+    finally:
+        if temporary.exists():
+            temporary.unlink()
 
 
 def read_org_units(client: DirectoryClient, policy: "RetryPolicy") -> dict[str, str]:
@@ -895,11 +906,12 @@ def read_org_units(client: DirectoryClient, policy: "RetryPolicy") -> dict[str, 
 class _TwoEndedListing:
     """Lists the domain's users from both ends of the email order at once.
 
-    One stream pages up from the first address, the other down from the last; they
-    stop where they meet, so the whole domain is read in about half the time, with
-    no search query (search results can lag writes) and no account missed.  If the
-    server does not keep the order it was asked for, the ascending stream simply reads
-    to the end on its own.
+    One stream pages up from the first address, the other down from the last.  They stop
+    once both have seen the same address: the one read everything up to it and the other
+    everything from it, in the server's own order, so the whole domain is read in about
+    half the time, with no search query (search results can lag writes) and no account
+    missed.  If the server does not keep the order it was asked for, the ascending stream
+    reads to the end on its own.
     """
 
     def __init__(self, client: DirectoryClient, settings: Settings, policy: "RetryPolicy",
@@ -910,8 +922,8 @@ class _TwoEndedListing:
         self.category = settings.custom_schema.category
         self.accounts: dict[str, Account] = {}
         self._lock = threading.Lock()
-        self._highest_up: str | None = None    # last address the ascending stream has seen
-        self._lowest_down: str | None = None   # last address the descending stream has seen
+        self._seen = {"ASCENDING": set(), "DESCENDING": set()}  # addresses each stream has read
+        self._met_flag = False                 # the streams have an address in common
         self._finished = False                 # one stream read to its end: all is seen
         self._unordered = False                # the server ignored the order: no meeting point
 
@@ -923,12 +935,12 @@ class _TwoEndedListing:
             down.result()
         return self.accounts
 
-    def _met(self) -> bool:
+    def _done(self, ascending: bool) -> bool:
         if self._finished or self.cancel.is_set():
             return True
-        if self._unordered or self._highest_up is None or self._lowest_down is None:
-            return False
-        return self._highest_up >= self._lowest_down
+        if self._unordered:
+            return not ascending
+        return self._met_flag
 
     def _stream(self, order: str) -> None:
         users = self.client.resource("users")
@@ -938,34 +950,34 @@ class _TwoEndedListing:
             fields=f"nextPageToken,users({_USER_FIELDS})", prettyPrint=False,
         )
         ascending = order == "ASCENDING"
+        mine, other = self._seen[order], self._seen["DESCENDING" if ascending else "ASCENDING"]
         previous: str | None = None
+        tokens: set[str] = set()
         while request is not None:
             with self._lock:
-                if self._met() or (self._unordered and not ascending):
+                if self._done(ascending):
                     return
             answer = self.policy.call(functools.partial(self.client.execute, request))
             page = [account_from_resource(r, self.category)
                     for r in answer.get("users", []) or [] if r.get("primaryEmail")]
-            keys = [a.email.lower() for a in page]
-            if previous is not None:
-                keys_in_order = [previous, *keys]
-            else:
-                keys_in_order = keys
-            in_order = all((a < b) if ascending else (a > b) for a, b in zip(keys_in_order, keys_in_order[1:]))
+            keys = [_key(a.email) for a in page]
+            sequence = keys if previous is None else [previous, *keys]
+            in_order = all((a < b) if ascending else (a > b) for a, b in zip(sequence, sequence[1:]))
+            token = answer.get("nextPageToken")
+            if token in tokens or (token and keys and all(k in mine for k in keys)):
+                raise GoogleError("Google: the user listing repeats itself (the same page again); "
+                                  "stopping rather than reading forever")
+            tokens.add(token)
             request = users.list_next(request, answer)
             self.pages(len(page))
             with self._lock:
-                for account in page:
-                    self.accounts[_key(account.email)] = account
+                for key, account in zip(keys, page):
+                    self.accounts[key] = account
                 if not in_order:
                     self._unordered = True
-                    if not ascending:
-                        return
-                elif keys:
-                    if ascending:
-                        self._highest_up = keys[-1]
-                    else:
-                        self._lowest_down = keys[-1]
+                if not self._unordered and any(k in other for k in keys):
+                    self._met_flag = True
+                mine.update(keys)
                 if request is None and (ascending or not self._unordered):
                     self._finished = True
             if keys:
@@ -1328,17 +1340,22 @@ def change_for(decision: Decision, account: Account | None, settings: Settings,
         else:
             labels.append("move")
             before["orgUnitPath"], after["orgUnitPath"] = account.org_unit, target_ou
-    if (decision.first_name.casefold() != account.given_name.casefold()
-            or decision.last_name.casefold() != account.family_name.casefold()):
-        problems = [p for p in (_name_problem(decision.first_name, "first name"),
-                                _name_problem(decision.last_name, "last name")) if p]
-        if problems:
-            notice(WARNING, f"name kept as {account.given_name} {account.family_name} in Google: "
-                            f"{' and '.join(problems)} in PowerSchool")
-        else:
-            labels.append("rename")
-            before["name"] = {"givenName": account.given_name, "familyName": account.family_name}
-            after["name"] = {"givenName": decision.first_name, "familyName": decision.last_name}
+    # A bad PowerSchool name keeps Google's; the other name is still brought in step.
+    given, family = decision.first_name, decision.last_name
+    for which, name, current in (("first name", given, account.given_name),
+                                 ("last name", family, account.family_name)):
+        problem = _name_problem(name, which)
+        if problem and name.casefold() != current.casefold():
+            notice(WARNING, f"{which} kept as {current!r} in Google: {problem} in PowerSchool")
+    if _name_problem(given, "first name"):
+        given = account.given_name
+    if _name_problem(family, "last name"):
+        family = account.family_name
+    if (given.casefold() != account.given_name.casefold()
+            or family.casefold() != account.family_name.casefold()):
+        labels.append("rename")
+        before["name"] = {"givenName": account.given_name, "familyName": account.family_name}
+        after["name"] = {"givenName": given, "familyName": family}
     if any(account.attributes.get(k) != v for k, v in decision.attributes.items()):
         labels.append("attributes")
         before["customSchemas"] = {category: {k: account.attributes.get(k) for k in decision.attributes}}
@@ -1445,16 +1462,36 @@ def plan(rows: Iterable[StudentRow], directory: Directory, settings: Settings,
 # Apply
 # =============================================================================
 
-_RATE_REASONS = {"rateLimitExceeded", "userRateLimitExceeded", "quotaExceeded"}
+_RATE_REASONS = {"rateLimitExceeded", "userRateLimitExceeded", "quotaExceeded",
+                 "RATE_LIMIT_EXCEEDED", "RESOURCE_EXHAUSTED"}
+
+
+def _error_reasons(exc: Exception) -> list[str]:
+    """Every reason a Google error body gives: `errors[].reason`, `details[].reason`, `status`.
+
+    googleapiclient keeps only one of these lists in `error_details`, so the body is read
+    again here.
+    """
+    try:
+        error = json.loads(getattr(exc, "content", b"") or b"{}").get("error", {})
+    except (ValueError, AttributeError):
+        return []
+    if not isinstance(error, dict):
+        return []
+    reasons = [e.get("reason") for key in ("errors", "details") for e in error.get(key) or []
+               if isinstance(e, dict)]
+    if error.get("status"):
+        reasons.append(error["status"])
+    return [r for r in reasons if isinstance(r, str) and r]
 
 
 def _http_error_parts(exc: Exception) -> tuple[int, str, str]:
     """(status, reason, message) of an HttpError, whatever its body looked like."""
     status = getattr(exc, "status_code", None) or getattr(getattr(exc, "resp", None), "status", 0) or 0
     details = getattr(exc, "error_details", "")
-    reason = ""
+    reasons = _error_reasons(exc)
+    reason = reasons[0] if reasons else ""
     if isinstance(details, list) and details and isinstance(details[0], dict):
-        reason = details[0].get("reason", "") or ""
         message = details[0].get("message") or getattr(exc, "reason", "") or ""
     elif isinstance(details, str) and details.strip():
         text = re.sub(r"<[^>]+>", " ", details)
@@ -1471,14 +1508,29 @@ def describe_http_error(exc: Exception) -> str:
     return f"HTTP {status}" + (f" {reason}" if reason else "") + (f": {message}" if message else "")
 
 
+def _is_connection_error(exc: BaseException) -> bool:
+    """A dropped, refused or timed-out connection (not an unknown host)."""
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    try:
+        from google.auth.exceptions import TransportError
+        import httplib2
+    except ImportError:
+        return False
+    if isinstance(exc, httplib2.ServerNotFoundError):
+        return False
+    return isinstance(exc, (TransportError, httplib2.HttpLib2Error))
+
+
 def is_retryable(exc: BaseException) -> bool:
     """429, 5xx, 403 rate-limit reasons, and dropped connections are worth another try."""
     from googleapiclient.errors import HttpError
 
     if isinstance(exc, HttpError):
-        status, reason, _ = _http_error_parts(exc)
-        return status == 429 or status >= 500 or (status == 403 and reason in _RATE_REASONS)
-    return isinstance(exc, (ConnectionError, TimeoutError))
+        status = _http_error_parts(exc)[0]
+        return status == 429 or status >= 500 or (
+            status == 403 and any(r in _RATE_REASONS for r in _error_reasons(exc)))
+    return _is_connection_error(exc)
 
 
 class RateLimiter:
@@ -1567,14 +1619,37 @@ class Outcome:
     result: str
     groups_removed: tuple[str, ...] = ()
     note: str = ""
+    # What was really sent when it differs from `change` (a create that met 409 and was
+    # reconciled): None means `change` itself, () means nothing.
+    made: tuple[Change, ...] | None = None
 
     @property
     def ok(self) -> bool:
         return self.result == "applied"
 
     @property
+    def sent(self) -> tuple[Change, ...]:
+        return (self.change,) if self.made is None else self.made
+
+    @property
     def failed(self) -> bool:
         return self.result.startswith("failed")
+
+
+class _Failed(Exception):
+    """Carries a failed change's outcome out of the steps that made part of it."""
+
+    def __init__(self, outcome: Outcome):
+        super().__init__(outcome.result)
+        self.outcome = outcome
+
+
+def _describe_any(exc: BaseException) -> str:
+    from googleapiclient.errors import HttpError
+
+    if isinstance(exc, HttpError):
+        return describe_http_error(exc)
+    return type(exc).__name__
 
 
 class Applier:
@@ -1594,7 +1669,7 @@ class Applier:
                                                    thread_name_prefix="apply") as pool:
             futures = {pool.submit(self.apply_one, change): i for i, change in enumerate(changes)}
             for future in concurrent.futures.as_completed(futures):
-                outcome = future.result()
+                outcome = future.result()  # apply_one turns every error into an outcome
                 outcomes[futures[future]] = outcome
                 if progress:
                     progress(outcome)
@@ -1614,14 +1689,19 @@ class Applier:
                 return self._suspend(change)
             self._update(change.email, change.after)
             return Outcome(change, "applied")
+        except _Failed as failure:
+            return failure.outcome
         except HttpError as exc:
             return Outcome(change, f"failed: {describe_http_error(exc)}")
         except RefreshError as exc:
             # Nothing after this can succeed: stop the others too.
             self.authorization_lost = _describe_refresh_error(exc, self.settings)
             return Outcome(change, "failed: Google authorization was lost")
-        except OSError as exc:
-            return Outcome(change, f"failed: connection error ({type(exc).__name__})")
+        except Exception as exc:  # one student's failure must not stop the others' outcomes
+            if _is_connection_error(exc) or isinstance(exc, OSError):
+                return Outcome(change, f"failed: connection error ({type(exc).__name__})")
+            log.debug("unexpected error applying %s", change.email, exc_info=True)
+            return Outcome(change, f"failed: unexpected {type(exc).__name__} (details in the log)")
 
     def _update(self, email: str, body: Mapping[str, Any]) -> None:
         request = self.client.resource("users").update(userKey=email, body=dict(body), fields="primaryEmail")
@@ -1632,34 +1712,44 @@ class Applier:
 
         users = self.client.resource("users")
         insert = users.insert(body=dict(change.after, password=self._password), fields="primaryEmail")
+        tries = 0
+
+        def send() -> Any:
+            nonlocal tries
+            tries += 1
+            return self.client.execute(insert)
+
         try:
-            self.policy.call(functools.partial(self.client.execute, insert), limiters=(self.creates,))
+            self.policy.call(send, limiters=(self.creates,))
             return Outcome(change, "applied")
         except HttpError as exc:
             if _http_error_parts(exc)[0] != 409:
                 raise
-        # 409: the address exists after all (perhaps our own earlier try whose answer was
-        # lost).  Read it and bring it in step by rule 2.
+        # 409: the address exists after all.  After a failed try it is our own account
+        # whose answer was lost; on the first try it was there before this run.  Either
+        # way, read it and bring it in step by rule 2.
+        ours = tries > 1
+        made: tuple[Change, ...] = (change,) if ours else ()
+        note = "created (the first answer was lost)" if ours else "account already existed"
         get = users.get(userKey=change.email, projection="custom",
                         customFieldMask=self.settings.custom_schema.category, fields=_USER_FIELDS)
-        resource = self._read_new_account(get)
-        account = account_from_resource(resource, self.settings.custom_schema.category)
+        account = account_from_resource(self._read_new_account(get), self.settings.custom_schema.category)
         notices: list[Notice] = []
-        decision = self.decisions.get(change.email.lower())
+        decision = self.decisions.get(_key(change.email))
         if decision is None:
             # A reviewed plan: no PowerSchool decision to fall back on, only the plan.
             if holds_values(account, {k: v for k, v in change.after.items() if k != "primaryEmail"}):
-                return Outcome(change, "applied", note="account already existed as planned")
-            return Outcome(change, "stale: the account exists now, unlike when the plan was made")
+                return Outcome(change, "applied", note=f"{note}, as planned", made=made)
+            return Outcome(change, "stale: the account exists now, unlike when the plan was made", made=())
         follow_up = change_for(decision, account, self.settings, self.directory.org_units, notices)
         for notice in notices:
             _log_notice(notice)
         if follow_up is None:
-            return Outcome(change, "applied", note="account already existed and was in step")
+            return Outcome(change, "applied", note=f"{note}, in step", made=made)
         if follow_up.action == "suspend":  # cannot happen for a should-be-active decision
-            return Outcome(change, "failed: account exists and would be suspended")
+            return Outcome(change, "failed: account exists and would be suspended", made=made)
         self._update(follow_up.email, follow_up.after)
-        return Outcome(change, "applied", note=f"account already existed: {follow_up.describe()}")
+        return Outcome(change, "applied", note=f"{note}: {follow_up.describe()}", made=made + (follow_up,))
 
     def _read_new_account(self, get: Any) -> Any:
         """Read an account that "already exists": Google may answer 404 for a few seconds
@@ -1693,7 +1783,11 @@ class Applier:
                         continue  # already gone
                     return Outcome(change, f"failed: removing from group {group}: "
                                            f"{describe_http_error(exc)}; not suspended", tuple(removed))
-        self._update(change.email, change.after)
+        try:
+            self._update(change.email, change.after)
+        except Exception as exc:  # keep the groups already removed in the outcome
+            raise _Failed(Outcome(change, f"failed: suspending after group removal: "
+                                          f"{_describe_any(exc)}", tuple(removed))) from exc
         return Outcome(change, "applied", tuple(removed))
 
     def _groups_of(self, email: str) -> list[str]:
@@ -1797,7 +1891,7 @@ def write_plan_file(path: Path, plan_: Plan, *, scope: Scope, today: dt.date,
 def read_plan_file(path: Path, settings: Settings) -> tuple[dict[str, Any], list[Change]]:
     """A reviewed plan, checked against the current settings."""
     try:
-        document = json.loads(Path(path).read_text(encoding="utf-8"))
+        document = json.loads(Path(path).read_text(encoding="utf-8-sig"))
     except FileNotFoundError:
         raise StopRun(f"plan file {path} not found") from None
     except (OSError, ValueError) as exc:
@@ -1825,12 +1919,17 @@ class Journal:
         self.run_id, self.kind = run_id, kind
 
     def record(self, outcome: Outcome) -> None:
-        entry = change_to_json(outcome.change)
-        entry.update(run_id=self.run_id, kind=self.kind, result=outcome.result,
-                     time=dt.datetime.now().isoformat(timespec="seconds"),
-                     groups_removed=list(outcome.groups_removed), note=outcome.note)
+        """One line per change really sent (a reconciled create may have sent another, or none)."""
+        lines = []
+        for change in outcome.sent or (outcome.change,):
+            entry = change_to_json(change)
+            entry.update(run_id=self.run_id, kind=self.kind,
+                         result=outcome.result if outcome.sent else "nothing sent",
+                         time=dt.datetime.now().isoformat(timespec="seconds"),
+                         groups_removed=list(outcome.groups_removed), note=outcome.note)
+            lines.append(json.dumps(entry, ensure_ascii=False) + "\n")
         with open(self.path, "a", encoding="utf-8") as stream:
-            stream.write(json.dumps(entry, ensure_ascii=False) + "\n")
+            stream.writelines(lines)
 
 
 def read_journal(folder: Path, run_id: str) -> list[dict[str, Any]]:
@@ -1978,6 +2077,10 @@ PLAIN = {"plain": True}
 def setup_logging(verbosity: int) -> logging.Handler:
     """Console logging: -q warnings only, default info, -v debug."""
     level = {-1: logging.WARNING, 0: logging.INFO}.get(verbosity, logging.DEBUG)
+    try:  # a console or a redirected file in a narrow code page must not lose a line over one name
+        sys.stdout.reconfigure(errors="backslashreplace")
+    except (AttributeError, ValueError):
+        pass
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(_ConsoleFormatter())
     handler.setLevel(level)
@@ -2138,6 +2241,10 @@ class Progress:
             self.stream.flush()
 
 
+def _is_loopback(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
 def send_summary_email(settings: Settings, subject: str, body: str) -> None:
     """Send the run summary; a failure is logged and never changes the run's outcome."""
     import smtplib
@@ -2152,13 +2259,23 @@ def send_summary_email(settings: Settings, subject: str, body: str) -> None:
     message.set_content(body)
     user = os.environ.get(em.user_env, "") if em.user_env else ""
     password = os.environ.get(em.password_env, "") if em.password_env else ""
+    implicit_tls = em.smtp_port == 465
     try:
-        with smtplib.SMTP(em.smtp_host, em.smtp_port, timeout=30) as smtp:
+        connect = (functools.partial(smtplib.SMTP_SSL, context=ssl.create_default_context())
+                   if implicit_tls else smtplib.SMTP)
+        with connect(em.smtp_host, em.smtp_port, timeout=30) as smtp:
             smtp.ehlo()
-            if smtp.has_extn("starttls"):
+            encrypted = implicit_tls
+            if not encrypted and smtp.has_extn("starttls"):
                 smtp.starttls(context=ssl.create_default_context())
                 smtp.ehlo()
+                encrypted = True
             if user and password:
+                if not encrypted and not _is_loopback(em.smtp_host):
+                    log.error("not emailing the summary: %s:%s offers no STARTTLS, and the SMTP password "
+                              "is not sent unencrypted (use port 587 with STARTTLS, or 465)",
+                              em.smtp_host, em.smtp_port)
+                    return
                 smtp.login(user, password)
             smtp.send_message(message)
         log.info("summary emailed to %s", ", ".join(em.to))
@@ -2456,10 +2573,19 @@ def _apply(run: Run, kind: str, client: DirectoryClient, policy: RetryPolicy, di
                       RateLimiter(run.settings.google.max_creates_per_second))
     progress = Progress("applying", len(changes))
 
+    journal_broken: list[str] = []
+
     def arrived(outcome: Outcome) -> None:
-        journal.record(outcome)
         progress.step()
         _log_outcome(outcome)
+        if journal_broken:
+            return
+        try:
+            journal.record(outcome)
+        except OSError as exc:  # the changes go on; the undo of this run will be partial
+            journal_broken.append(str(exc.strerror or exc))
+            log.error("cannot write the journal %s (%s): this run cannot be fully undone",
+                      journal.path, journal_broken[0])
 
     try:
         outcomes = applier.apply(changes, progress=arrived)
@@ -2467,19 +2593,28 @@ def _apply(run: Run, kind: str, client: DirectoryClient, policy: RetryPolicy, di
         progress.close()
     log.info("journal: %s (undo with --undo %s)", journal.path, run.run_id)
     if applier.authorization_lost:
-        raise GoogleError(applier.authorization_lost + f"; {sum(o.ok for o in outcomes)} changes "
-                          "were applied before that (see the journal)")
+        message = (applier.authorization_lost + f"; {sum(o.ok for o in outcomes)} changes were applied "
+                   "before that, the others were not attempted")
+        log.error("%s", message)
+        run.lines.append(message)
     return outcomes
+
+
+def _write_report_or_say(path: Path, outcomes: Sequence[Outcome], notices: Sequence[Notice],
+                         unowned: Sequence[Account]) -> None:
+    """Write the CSV report; a report that cannot be written (open in Excel, say) is logged
+    and never changes the run's outcome."""
+    try:
+        write_report(path, outcomes, notices, unowned)
+        log.info("report written to %s", path)
+    except OSError as exc:
+        log.error("could not write the report %s: %s", path, exc.strerror or exc)
 
 
 def _finish(run: Run, outcomes: Sequence[Outcome], notices: Sequence[Notice], unchanged: int,
             dry_run: bool = False, unowned: Sequence[Account] = ()) -> int:
     if run.args.report:
-        try:
-            write_report(run.args.report, outcomes, notices, unowned)
-            log.info("report written to %s", run.args.report)
-        except OSError as exc:  # the changes are made: say so, and keep the run's outcome
-            log.error("could not write the report %s: %s", run.args.report, exc.strerror or exc)
+        _write_report_or_say(run.args.report, outcomes, notices, unowned)
     run.summary = summarize(outcomes, notices, unchanged, dry_run, time.monotonic() - run.started,
                             len(unowned))
     for outcome in outcomes:
@@ -2540,7 +2675,7 @@ def run_sync(run: Run) -> int:
                         active=active)
         if args.report:
             stopped = [Outcome(c, "not applied: safety stop") for c in plan_.changes]
-            write_report(args.report, stopped, plan_.notices, unowned)
+            _write_report_or_say(args.report, stopped, plan_.notices, unowned)
         raise SafetyStop(
             "safety stop, nothing was changed: " + "; ".join(problems) + f". The plan is in {saved} "
             "(review it, or run with --dry-run --report FILE). If it is right (for example "

@@ -111,6 +111,9 @@ def write_settings(path: Path, endpoint: str, overrides: Mapping[str, Mapping[st
     """
     settings = copy.deepcopy(BASE_SETTINGS)
     settings["google"]["api_endpoint"] = endpoint
+    # A relative logs folder would be beside student_sync.py: keep a test district's logs
+    # beside its settings instead.
+    settings["logging"]["dir"] = str(Path(path).resolve().parent / "logs")
     for section, keys in (overrides or {}).items():
         target = settings.setdefault(section, {})
         for key, value in keys.items():

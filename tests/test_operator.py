@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import email as email_lib
+import copy
 import re
 import socket
 import sys
@@ -216,10 +217,17 @@ def test_check_makes_no_write_requests(sync):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_each_run_writes_a_log_file_beside_the_settings_with_debug_detail(sync, tmp_path, monkeypatch):
+def test_a_relative_logs_folder_is_beside_the_script_wherever_the_settings_are(tmp_path):
+    raw = copy.deepcopy(district.BASE_SETTINGS)
+    raw["logging"]["dir"] = "nightly-logs"
+    settings = student_sync.settings_from_dict(raw, tmp_path / "elsewhere" / "student_sync.toml")
+    assert settings.logging.dir == Path(student_sync.__file__).resolve().parent / "nightly-logs"
+
+
+def test_each_run_writes_a_log_file_in_the_logs_folder_with_debug_detail(sync, tmp_path, monkeypatch):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    monkeypatch.chdir(elsewhere)                          # [logging] dir is relative to the settings file
+    monkeypatch.chdir(elsewhere)                          # not relative to the working folder
     sync.student(1001)
     sync.student(1002)
     sync.account(1002, org_unit=WHS_10)
