@@ -124,6 +124,21 @@ def test_retryable_answers_are_retried_with_exponential_backoff_and_jitter(error
     assert clock.slept == [1.5, 2.5, 4.5]             # 2**n + jitter, n = 0, 1, 2
 
 
+def test_a_quota_error_with_google_details_is_retried():
+    # admin.googleapis.com answers with both `errors` and `details`; googleapiclient keeps
+    # only `details` in error_details.
+    body = json.dumps({"error": {
+        "code": 403, "message": "Quota exceeded", "status": "PERMISSION_DENIED",
+        "errors": [{"message": "Quota exceeded", "domain": "usageLimits", "reason": "userRateLimitExceeded"}],
+        "details": [{"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "RATE_LIMIT_EXCEEDED",
+                     "domain": "googleapis.com"}]}}).encode()
+    clock = FakeClock()
+    request = Flaky(http_error(403, body=body))
+
+    assert policy_on(clock).call(request) == {"ok": True}
+    assert request.calls == 2
+
+
 @pytest.mark.parametrize("error", [
     http_error(400, "invalid"), http_error(404, "notFound"), http_error(409, "duplicate"),
     http_error(403, "forbidden"), http_error(401, "authError"),
@@ -180,6 +195,33 @@ def test_every_attempt_waits_for_the_rate_limiters():
     policy.call(Flaky(http_error(503, "backendError")), limiters=(creates,))
 
     assert calls == [overall, creates, overall, creates]
+
+
+def test_an_unexpected_transport_error_fails_one_student_and_the_rest_is_applied_and_journalled(
+        sync, monkeypatch):
+    sync.student(8101, grade=10)
+    sync.account(8101)
+    for number in range(8102, 8110):
+        sync.student(number, grade=10)
+        sync.account(number)
+    real_request = httplib2.Http.request
+
+    def request(self, uri, method="GET", *args, **kwargs):
+        if method == "PUT" and "8101%40" in uri:
+            raise httplib2.ServerNotFoundError("Unable to find the server")
+        return real_request(self, uri, method, *args, **kwargs)
+
+    monkeypatch.setattr(httplib2.Http, "request", request)
+    result = sync.run("--all")
+
+    assert result.code == 1, result.output
+    assert "8101" in result.output and "ServerNotFoundError" in result.output
+    journals = list((sync.folder / "logs").glob("journal-*.jsonl"))
+    entries = [json.loads(line) for line in journals[0].read_text().splitlines()]
+    assert sorted(e["student_number"] for e in entries) == list(range(8101, 8110))
+    assert {e["result"] for e in entries if e["student_number"] != 8101} == {"applied"}
+    for number in range(8102, 8110):
+        assert sync.server.user(email(number))["orgUnitPath"] == WHS_10
 
 
 # --- end to end: every change lands although the server answers 429/503 for a share of writes --

@@ -772,6 +772,14 @@ def test_name_kept_in_google_with_a_warning_and_other_changes_still_go(first, la
     assert plan.failed_students() == 0
 
 
+def test_a_bad_name_keeps_googles_and_the_other_name_is_still_renamed():
+    plan = run_plan([row(first="", last="Leigh")], [account(given="Ann", family="Lee")])
+    change = only_change(plan)
+    assert change.labels == ("rename",)
+    assert change.after["name"] == {"givenName": "Ann", "familyName": "Leigh"}
+    assert "first name" in only_notice(plan, ss.WARNING).message
+
+
 # ---------------------------------------------------------------------------
 # Scope and accounts that are not ours
 # ---------------------------------------------------------------------------

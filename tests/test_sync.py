@@ -309,6 +309,13 @@ def test_missing_required_key_is_an_error(sync):
     assert "[ous] student_prefix" in result.output
 
 
+def test_google_tokens_are_never_sent_to_a_plain_http_endpoint_elsewhere(sync):
+    sync.settings({"google": {"auth": "oauth", "api_endpoint": "http://proxy.d118.org:8080/"}})
+    result = sync.run("--all")
+    assert result.code == 2
+    assert "[google] api_endpoint" in result.output and "https" in result.output
+
+
 def test_no_scope_is_a_usage_error(sync):
     assert sync.run().code == 2
 
