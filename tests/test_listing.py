@@ -124,9 +124,9 @@ def test_a_server_that_ignores_the_page_token_stops_the_run_instead_of_looping()
     assert client.calls < 20
 
 
-def test_a_domain_of_one_page_is_read_in_one_call_per_stream():
+def test_a_domain_of_one_page_is_read_in_one_call_per_stream_at_most():
     emails = addresses("1", "2", "3")
     client = Client(Users(emails, page=500))
 
     assert set(read(client)) == set(emails)
-    assert client.calls == 2
+    assert client.calls <= 2       # the second stream may find the first already done
