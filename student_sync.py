@@ -22,6 +22,7 @@ import dataclasses
 import datetime as dt
 import decimal
 import functools
+import itertools
 import json
 import logging
 import os
@@ -175,6 +176,15 @@ class Settings:
     logging: LoggingSettings
     email: EmailSettings | None
     raw: Mapping[str, Any] = field(repr=False, compare=False, default_factory=dict)
+
+    @property
+    def instance(self) -> str:
+        """A short name for this settings file, for the files of the logs folder that belong
+        to one district's runs (lock, school counts): several settings files can share a
+        logs folder without sharing those."""
+        import hashlib
+
+        return hashlib.sha256(str(self.path.resolve()).lower().encode()).hexdigest()[:8]
 
 
 # Every key of the settings file: (kind, default).  _REQUIRED marks required keys;
@@ -2031,10 +2041,11 @@ def load_school_counts(path: Path) -> dict[int, int]:
         return {}
 
 
-def save_school_counts(path: Path, counts: Mapping[int, int]) -> None:
+def save_school_counts(path: Path, counts: Mapping[int, int], settings_path: Path | None = None) -> None:
     merged = load_school_counts(path)
     merged.update(counts)
     document = {"updated": dt.datetime.now().isoformat(timespec="seconds"),
+                "settings": str(settings_path) if settings_path else None,
                 "active_students": {str(k): v for k, v in sorted(merged.items())}}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(document, indent=1) + "\n", encoding="utf-8")
@@ -2093,16 +2104,31 @@ def setup_logging(verbosity: int) -> logging.Handler:
     return handler
 
 
-def open_run_log(settings: Settings, run_id: str) -> tuple[logging.Handler | None, Path | None]:
-    """A log file per run in the logs folder; the oldest beyond `keep` are removed."""
+def open_run_log(settings: Settings, now: dt.datetime) -> tuple[str, logging.Handler | None, Path | None]:
+    """Claim a run id and open its log file in the logs folder; the oldest logs beyond
+    `keep` are removed.
+
+    The run id is the start time, `20261128-020003`, with a counter when that second's
+    is taken: the log file is created exclusively, so two runs never share an id.
+    """
     folder = settings.logging.dir
+    base = f"{now:%Y%m%d-%H%M%S}"
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"student_sync-{run_id}.log"
+        for n in itertools.count(1):
+            run_id = base if n == 1 else f"{base}-{n}"
+            path = folder / f"student_sync-{run_id}.log"
+            if (folder / f"journal-{run_id}.jsonl").exists():
+                continue
+            try:
+                open(path, "x", encoding="utf-8").close()
+                break
+            except FileExistsError:
+                continue
         handler = logging.FileHandler(path, encoding="utf-8")
     except OSError as exc:
         log.warning("cannot write a log file in %s: %s", folder, exc.strerror or exc)
-        return None, None
+        return f"{base}-{os.getpid()}", None, None
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(message)s"))
     handler.setLevel(logging.DEBUG)
     handler._student_sync = True  # type: ignore[attr-defined]
@@ -2113,17 +2139,7 @@ def open_run_log(settings: Settings, run_id: str) -> tuple[logging.Handler | Non
             stale.unlink()
         except OSError:
             pass
-    return handler, path
-
-
-def new_run_id(folder: Path, now: dt.datetime) -> str:
-    """A readable, unique run id: the start time, with a counter if that second is taken."""
-    base = f"{now:%Y%m%d-%H%M%S}"
-    run_id, n = base, 1
-    while (folder / f"journal-{run_id}.jsonl").exists() or (folder / f"student_sync-{run_id}.log").exists():
-        n += 1
-        run_id = f"{base}-{n}"
-    return run_id
+    return run_id, handler, path
 
 
 def _log_notice(notice: Notice) -> None:
@@ -2667,7 +2683,7 @@ def run_sync(run: Run) -> int:
                         active=active)
         log.info("plan written to %s", args.plan_out)
 
-    counts_path = run.logs / "school_counts.json"
+    counts_path = run.logs / f"school_counts-{settings.instance}.json"
     problems = _safety_problems(plan_, row_count, active, scope, settings, load_school_counts(counts_path))
     if problems and not args.allow_mass_changes:
         saved = run.logs / f"plan-{run.run_id}.json"
@@ -2689,7 +2705,7 @@ def run_sync(run: Run) -> int:
         outcomes = _preview(plan_.changes)
     else:
         outcomes = _apply(run, "sync", client, policy, directory, plan_.changes, plan_.decisions, password)
-        save_school_counts(counts_path, active)
+        save_school_counts(counts_path, active, settings.path)
     return _finish(run, outcomes, plan_.notices, plan_.unchanged, args.dry_run, unowned)
 
 
@@ -2720,7 +2736,8 @@ def run_apply_plan(run: Run) -> int:
         except (AttributeError, TypeError, ValueError):
             active = {}
         if active:  # the reviewed figures become the source-sanity baseline
-            save_school_counts(run.logs / "school_counts.json", active)
+            save_school_counts(run.logs / f"school_counts-{run.settings.instance}.json", active,
+                               run.settings.path)
     return _finish(run, [*outcomes, *stale], [], 0, dry_run)
 
 
@@ -2920,13 +2937,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if problem:
             log.error("%s %s cannot be written: %s", option, path, problem)
             return EXIT_ERROR
-    now = dt.datetime.now()
-    try:
-        settings.logging.dir.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        pass
-    run = Run(args, settings, new_run_id(settings.logging.dir, now))
-    handler, run.log_path = open_run_log(settings, run.run_id)
+    run_id, handler, log_path = open_run_log(settings, dt.datetime.now())
+    run = Run(args, settings, run_id, log_path)
     code, fatal = EXIT_ERROR, None
     try:
         log.debug("student_sync %s, run %s, settings %s, arguments %s", __version__, run.run_id,
@@ -2936,7 +2948,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.check or args.dry_run:  # changes nothing: no need to wait for another run
             code = task(run)
         else:
-            with RunLock(settings.logging.dir / "student_sync.lock"):
+            with RunLock(settings.logging.dir / f"student_sync-{settings.instance}.lock"):
                 code = task(run)
     except StopRun as exc:
         log.error("%s", exc)

@@ -210,7 +210,7 @@ def test_safety_stop_saves_its_plan_in_the_logs_folder_and_names_it(sync, tmp_pa
     assert result.code == 3, result.output
     assert sync.writes() == []
     saved = list(logs(sync).glob("*.json"))
-    saved = [p for p in saved if p.name != "school_counts.json"]
+    saved = [p for p in saved if not p.name.startswith("school_counts")]
     assert len(saved) == 1, saved
     assert str(saved[0]) in result.output
     document = json.loads(saved[0].read_text(encoding="utf-8"))
@@ -293,7 +293,7 @@ def test_apply_plan_ignores_safety_limits(sync, tmp_path):
     sync.server.add_group("band@d118.org", members=[email(2201), email(2202)])
     stopped = sync.run("--all")
     assert stopped.code == 3, stopped.output
-    [saved] = [p for p in logs(sync).glob("*.json") if p.name != "school_counts.json"]
+    [saved] = [p for p in logs(sync).glob("*.json") if not p.name.startswith("school_counts")]
 
     result = sync.run("--apply-plan", str(saved))
 
@@ -617,7 +617,8 @@ def drop(sync, numbers) -> None:
 
 
 def counts_file(sync) -> Path:
-    return logs(sync) / "school_counts.json"
+    settings = student_sync.load_settings(sync.settings_path)
+    return logs(sync) / f"school_counts-{settings.instance}.json"
 
 
 def test_real_run_keeps_active_counts_per_school_and_a_dry_run_does_not(sync):
@@ -748,3 +749,14 @@ def test_apply_plan_dry_run_previews_and_changes_nothing(sync, tmp_path):
     assert preview.code == 0, preview.output
     assert sync.writes() == []
     assert "would create" in preview.output
+
+
+def test_settings_files_sharing_a_logs_folder_keep_their_own_school_counts_and_lock(tmp_path):
+    paths = []
+    for name in ("one", "two"):
+        (tmp_path / name).mkdir()
+        paths.append(district.write_settings(tmp_path / name / "student_sync.toml", "http://127.0.0.1:9/"))
+    first, second = (student_sync.load_settings(path) for path in paths)
+
+    assert first.instance != second.instance
+    assert student_sync.load_settings(paths[0]).instance == first.instance   # stable night after night

@@ -309,10 +309,15 @@ HOLDER = textwrap.dedent("""\
 """)
 
 
+def lock_path(sync) -> Path:
+    settings = student_sync.load_settings(sync.settings_path)
+    return sync.folder / "logs" / f"student_sync-{settings.instance}.lock"
+
+
 @pytest.fixture
 def lock_holder(sync):
     """Another process holding the run lock of `sync`'s logs folder."""
-    path = sync.folder / "logs" / "student_sync.lock"
+    path = lock_path(sync)
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(ROOT), str(path)],
                               stdout=subprocess.PIPE, text=True)
     try:
@@ -337,7 +342,7 @@ def test_second_run_stops_at_once_while_another_holds_the_lock(sync, lock_holder
 
     lock_holder.kill()                                   # dies without releasing anything
     lock_holder.wait(timeout=10)
-    assert (sync.folder / "logs" / "student_sync.lock").exists()
+    assert lock_path(sync).exists()
 
     result = sync.run("--all")
 
