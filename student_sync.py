@@ -2655,6 +2655,9 @@ def run_sync(run: Run) -> int:
 
         def read_google(scope: Scope) -> None:
             client, policy = _google_client(run)
+            # Loading and building the client is CPU work: done here, before the listing's
+            # waiting starts, it does not compete with the PowerSchool rows for the interpreter.
+            client.resource("users")
             started.append((client, policy, pool.submit(_read_directory, run, client, policy, cancel)))
 
         try:
