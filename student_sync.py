@@ -1005,6 +1005,35 @@ def read_accounts(client: DirectoryClient, settings: Settings, policy: "RetryPol
     return _TwoEndedListing(client, settings, policy, cancel, pages).read()
 
 
+def confirm_org_units(client: DirectoryClient, policy: "RetryPolicy", directory: Directory,
+                      wanted: Iterable[str], most: int = 50) -> Directory:
+    """Ask for each wanted OU that the OU list lacks, one orgunits.get each (at most `most`).
+
+    A student whose OU is missing is reported and left alone, so the listing's word is
+    checked before anyone is: a server whose list leaves some OUs out, or an OU made a
+    moment ago, does not fail a whole building.
+    """
+    from googleapiclient.errors import HttpError
+
+    missing = sorted({ou for ou in wanted if ou.lower() not in directory.org_units})
+    if not missing:
+        return directory
+    units = dict(directory.org_units)
+    orgunits = client.resource("orgunits")
+    for path in missing[:most]:
+        request = orgunits.get(customerId="my_customer", orgUnitPath=path.lstrip("/"),
+                               fields="orgUnitPath")
+        try:
+            found = policy.call(functools.partial(client.execute, request)).get("orgUnitPath")
+        except HttpError as exc:
+            if _http_error_parts(exc)[0] not in (400, 404):
+                log.debug("OU %s could not be read: %s", path, describe_http_error(exc))
+            continue
+        if found:
+            units[found.lower()] = found
+    return Directory(accounts=directory.accounts, org_units=units)
+
+
 def read_directory(client: DirectoryClient, settings: Settings, policy: "RetryPolicy",
                    cancel: threading.Event | None = None,
                    pages: Callable[[int], None] | None = None) -> Directory:
@@ -2672,6 +2701,7 @@ def run_sync(run: Run) -> int:
         except BaseException:
             cancel.set()  # do not wait for a listing nobody will use
             raise
+    directory = confirm_org_units(client, policy, directory, {d.target_ou for d in decisions.by_email.values()})
     plan_ = plan_changes(decisions, directory, settings)
     del decisions
     for notice in plan_.notices:
@@ -2810,6 +2840,7 @@ def run_check(run: Run) -> int:
             schools = {r.school for r in rows if r.school is not None and r.school.number in scope.school_numbers}
             needed |= {f"{settings.ous.student_prefix}{school.abbreviation}{settings.ous.building_suffix}"
                        for school in schools if school.abbreviation and counts.get(school.number)}
+        directory = confirm_org_units(client, policy, directory, needed)
         missing = sorted(ou for ou in needed if ou.lower() not in directory.org_units)
         report(not missing, f"all {len(needed)} OUs the rules target exist" if not missing else
                f"{len(missing)} OUs the rules target are missing in Google (create them in the Admin "

@@ -420,3 +420,20 @@ def test_every_request_is_a_method_of_the_discovery_document(sync):
         allowed = standard | {name for m in candidates for name, p in m.get("parameters", {}).items()
                               if p.get("location") == "query"}
         assert set(request.query) <= allowed, (request.path, set(request.query) - allowed)
+
+
+def test_an_ou_missing_from_the_ou_list_is_asked_for_before_a_student_is_failed(server):
+    # As if the server's OU list had left the 10th-grade OU out.
+    settings = student_sync.settings_from_dict(
+        {**district.BASE_SETTINGS, "google": {**district.BASE_SETTINGS["google"], "api_endpoint": server.url}},
+        ROOT / "student_sync.toml")
+    client = student_sync.DirectoryClient(settings)
+    listed = student_sync.Directory(accounts={}, org_units={"/": "/"})
+
+    confirmed = student_sync.confirm_org_units(client, student_sync.RetryPolicy(), listed,
+                                               [WHS_10.upper(), "/No Such OU"])
+
+    assert confirmed.org_units[WHS_10.lower()] == WHS_10
+    assert "/no such ou" not in confirmed.org_units
+    gets = [r for r in server.requests if "/orgunits/" in r.path]
+    assert len(gets) == 2
