@@ -415,6 +415,18 @@ def _etag(payload: Any) -> str:
     return '"' + base64.urlsafe_b64encode(hashlib.sha1(data).digest()).decode()[:27] + '"'
 
 
+def _collection(kind: str, field: str, items: list[Any], etag_parts: list[Any],
+                token: str | None = None) -> dict[str, Any]:
+    """A list answer as Google shapes it: the field is left out when empty, and so is
+    nextPageToken on the last page."""
+    payload: dict[str, Any] = {"kind": kind, "etag": _etag(etag_parts)}
+    if items:
+        payload[field] = items
+    if token:
+        payload["nextPageToken"] = token
+    return payload
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.000Z")
 
@@ -941,13 +953,9 @@ class _DirectoryApi:
             page, token = _paginate_index(self.state.user_index(order_by or "email"),
                                           self.state.user_by_key, accept, descending, limit,
                                           query.get("pageToken"))
-        payload: dict[str, Any] = {"kind": "admin#directory#users",
-                                   "etag": _etag([u["etag"] for u in page])}
-        if page:
-            payload["users"] = [self.render_user(u, projection, mask) for u in page]
-        if token:
-            payload["nextPageToken"] = token
-        return 200, payload
+        return 200, _collection("admin#directory#users", "users",
+                                [self.render_user(u, projection, mask) for u in page],
+                                [u["etag"] for u in page], token)
 
     def users_get(self, call: _Call) -> tuple[int, Any]:
         projection, mask = self._projection(call.query)
@@ -1139,11 +1147,8 @@ class _DirectoryApi:
                     units.append(ou)
             elif _ou_in_subtree(path, root):
                 units.append(ou)
-        payload: dict[str, Any] = {"kind": "admin#directory#orgUnits",
-                                   "etag": _etag([u["etag"] for u in units])}
-        if units:
-            payload["organizationUnits"] = units
-        return 200, payload
+        return 200, _collection("admin#directory#orgUnits", "organizationUnits", units,
+                                [u["etag"] for u in units])
 
     def orgunits_get(self, call: _Call) -> tuple[int, Any]:
         self._check_customer(call.params["customerId"])
@@ -1175,13 +1180,8 @@ class _DirectoryApi:
                                  {"ASCENDING", "DESCENDING"}) == "DESCENDING"
         page, token = _paginate(groups, lambda g: (g["email"].lower(),), descending, limit,
                                 query.get("pageToken"))
-        payload: dict[str, Any] = {"kind": "admin#directory#groups",
-                                   "etag": _etag([g["id"] for g in page])}
-        if page:
-            payload["groups"] = [self.render_group(g) for g in page]
-        if token:
-            payload["nextPageToken"] = token
-        return 200, payload
+        return 200, _collection("admin#directory#groups", "groups",
+                                [self.render_group(g) for g in page], [g["id"] for g in page], token)
 
     def _member_email(self, key: str, missing_is_404: bool) -> str:
         user = self.state.find_user(key)
@@ -1213,11 +1213,8 @@ class _DirectoryApi:
     def schemas_list(self, call: _Call) -> tuple[int, Any]:
         self._check_customer(call.params["customerId"])
         schemas = list(self.state.schemas.values())
-        payload: dict[str, Any] = {"kind": "admin#directory#schemas",
-                                   "etag": _etag([s["etag"] for s in schemas])}
-        if schemas:
-            payload["schemas"] = schemas
-        return 200, payload
+        return 200, _collection("admin#directory#schemas", "schemas", schemas,
+                                [s["etag"] for s in schemas])
 
     def schemas_get(self, call: _Call) -> tuple[int, Any]:
         self._check_customer(call.params["customerId"])
