@@ -1118,6 +1118,12 @@ class Change:
         return "; ".join(parts)
 
 
+def failed_students(notices: Iterable[Notice], outcomes: Iterable["Outcome"] = ()) -> set[tuple[str, str]]:
+    """(student number, email) of every student with a bad-data error or a failed change."""
+    failed = {(n.student_number, n.email) for n in notices if n.level == ERROR}
+    return failed | {(str(o.change.student_number), o.change.email) for o in outcomes if o.failed}
+
+
 @dataclass(frozen=True)
 class Plan:
     changes: tuple[Change, ...]
@@ -1126,7 +1132,7 @@ class Plan:
     unchanged: int
 
     def failed_students(self) -> int:
-        return len({(n.student_number, n.email) for n in self.notices if n.level == ERROR})
+        return len(failed_students(self.notices))
 
     def suspensions(self) -> list[Change]:
         """Changes that take an account from active to suspended."""
@@ -1234,6 +1240,11 @@ def _row_status(row: StudentRow, settings: Settings, today: dt.date) -> dict[str
             "active": active, "should_be_active": active or grace, "class_of": class_of}
 
 
+def building_ou(school: School, settings: Settings) -> str:
+    """`/D118 Students/` + `WHS` + ` Students`."""
+    return f"{settings.ous.student_prefix}{school.abbreviation}{settings.ous.building_suffix}"
+
+
 def _target_ou(row: StudentRow, weighed: Mapping[str, Any], settings: Settings) -> str:
     """The OU of SPEC section 3's table.  Raises ValueError when it cannot be named."""
     ous = settings.ous
@@ -1244,7 +1255,7 @@ def _target_ou(row: StudentRow, weighed: Mapping[str, Any], settings: Settings) 
     school = row.school
     if school is None or not school.abbreviation:
         raise ValueError(f"school {weighed['school_number']} has no ABBREVIATION for its building OU")
-    building = f"{ous.student_prefix}{school.abbreviation}{ous.building_suffix}"
+    building = building_ou(school, settings)
     if weighed["status"] == -1 or weighed["school_number"] in settings.accounts.no_grade_ou_schools:
         return building
     grade = _as_int(row.grade_level)
@@ -1561,6 +1572,17 @@ def _is_connection_error(exc: BaseException) -> bool:
     return isinstance(exc, (TransportError, httplib2.HttpLib2Error))
 
 
+def _is_network_error(exc: BaseException) -> bool:
+    """Any failure to reach the server, retryable or not (an unknown host is not)."""
+    if isinstance(exc, OSError) or _is_connection_error(exc):
+        return True
+    try:
+        import httplib2
+    except ImportError:
+        return False
+    return isinstance(exc, httplib2.HttpLib2Error)
+
+
 def is_retryable(exc: BaseException) -> bool:
     """429, 5xx, 403 rate-limit reasons, and dropped connections are worth another try."""
     from googleapiclient.errors import HttpError
@@ -1737,7 +1759,7 @@ class Applier:
             self.authorization_lost = _describe_refresh_error(exc, self.settings)
             return Outcome(change, "failed: Google authorization was lost")
         except Exception as exc:  # one student's failure must not stop the others' outcomes
-            if _is_connection_error(exc) or isinstance(exc, OSError):
+            if _is_network_error(exc):
                 return Outcome(change, f"failed: connection error ({type(exc).__name__})")
             log.debug("unexpected error applying %s", change.email, exc_info=True)
             return Outcome(change, f"failed: unexpected {type(exc).__name__} (details in the log)")
@@ -2255,10 +2277,8 @@ def summarize(outcomes: Sequence[Outcome], notices: Sequence[Notice], unchanged:
             counts.update(outcome.change.labels)
             counts["group removals"] += len(outcome.groups_removed)
     levels = Counter(n.level for n in notices)
-    failed_students = {(n.student_number, n.email) for n in notices if n.level == ERROR}
-    failed_students |= {(str(o.change.student_number), o.change.email) for o in outcomes if o.failed}
     return Summary(counts=counts, unchanged=unchanged, skipped=levels[SKIP], warnings=levels[WARNING],
-                   failures=len(failed_students), stale=sum(o.result.startswith("stale") for o in outcomes),
+                   failures=len(failed_students(notices, outcomes)), stale=sum(o.result.startswith("stale") for o in outcomes),
                    seconds=seconds, dry_run=dry_run, unowned=unowned)
 
 
@@ -2536,10 +2556,19 @@ class Run:
     summary: Summary | None = None
     lines: list[str] = field(default_factory=list)   # problems worth an email
     started: float = field(default_factory=time.monotonic)
+    source_version: str = ""                        # PowerSchool's, once connected
 
     @property
     def logs(self) -> Path:
         return self.settings.logging.dir
+
+    @property
+    def counts_path(self) -> Path:
+        return self.logs / f"school_counts-{self.settings.instance}.json"
+
+    @property
+    def lock_path(self) -> Path:
+        return self.logs / f"student_sync-{self.settings.instance}.lock"
 
     def today(self) -> dt.date:
         return self.args.as_of or dt.date.today()
@@ -2549,6 +2578,8 @@ def _read_powerschool(run: Run, kind: str,
                       scope_known: Callable[[Scope], None] | None = None) -> tuple[Scope, list[StudentRow]]:
     """The scope's rows; `scope_known` is called once the scope is valid, before the rows are read."""
     connection = connect_powerschool(run.settings)
+    run.source_version = getattr(connection, "version", None) or f"SQLite {sqlite3.sqlite_version}"
+    log.debug("PowerSchool: %s", run.source_version)
     try:
         try:
             schools = read_schools(connection)
@@ -2598,7 +2629,9 @@ def _read_directory(run: Run, client: DirectoryClient, policy: RetryPolicy,
                           f"{describe_http_error(exc)}") from None
     except RefreshError as exc:
         raise GoogleError(_describe_refresh_error(exc, settings)) from None
-    except OSError as exc:
+    except Exception as exc:
+        if not _is_network_error(exc):
+            raise
         where = settings.google.api_endpoint or "Google"
         raise GoogleError(f"Google: cannot reach {where}: {type(exc).__name__}") from None
     finally:
@@ -2716,8 +2749,7 @@ def run_sync(run: Run) -> int:
                         active=active)
         log.info("plan written to %s", args.plan_out)
 
-    counts_path = run.logs / f"school_counts-{settings.instance}.json"
-    problems = _safety_problems(plan_, row_count, active, scope, settings, load_school_counts(counts_path))
+    problems = _safety_problems(plan_, row_count, active, scope, settings, load_school_counts(run.counts_path))
     if problems and not args.allow_mass_changes:
         saved = run.logs / f"plan-{run.run_id}.json"
         write_plan_file(saved, plan_, scope=scope, today=today, settings=settings, run_id=run.run_id,
@@ -2738,7 +2770,7 @@ def run_sync(run: Run) -> int:
         outcomes = _preview(plan_.changes)
     else:
         outcomes = _apply(run, "sync", client, policy, directory, plan_.changes, plan_.decisions, password)
-        save_school_counts(counts_path, active, settings.path)
+        save_school_counts(run.counts_path, active, settings.path)
     return _finish(run, outcomes, plan_.notices, plan_.unchanged, args.dry_run, unowned)
 
 
@@ -2769,8 +2801,7 @@ def run_apply_plan(run: Run) -> int:
         except (AttributeError, TypeError, ValueError):
             active = {}
         if active:  # the reviewed figures become the source-sanity baseline
-            save_school_counts(run.logs / f"school_counts-{run.settings.instance}.json", active,
-                               run.settings.path)
+            save_school_counts(run.counts_path, active, run.settings.path)
     return _finish(run, [*outcomes, *stale], [], 0, dry_run)
 
 
@@ -2814,12 +2845,10 @@ def run_check(run: Run) -> int:
     scope: Scope | None = None
     counts: dict[int, int] = {}
     try:
-        connection = connect_powerschool(settings)
-        version = getattr(connection, "version", None) or f"SQLite {sqlite3.sqlite_version}"
-        connection.close()
         scope, rows = _read_powerschool(run, _scope_kind(run.args) or "all")
         counts = active_counts(rows, scope)
-        report(True, f"PowerSchool reachable ({version}); active students per school for {scope.describe()}: "
+        report(True, f"PowerSchool reachable ({run.source_version}); active students per school for "
+               f"{scope.describe()}: "
                + ", ".join(f"{school}: {n}" for school, n in sorted(counts.items())))
     except StopRun as exc:
         report(False, str(exc))
@@ -2835,10 +2864,10 @@ def run_check(run: Run) -> int:
     if directory is not None:
         needed = {settings.ous.suspended, settings.ous.graduated}
         if scope is not None:
-            decisions = plan(rows, directory, settings, run.today(), scope).decisions
+            decisions = decide_all(rows, settings, run.today(), scope).by_email
             needed |= {d.target_ou for d in decisions.values()}
             schools = {r.school for r in rows if r.school is not None and r.school.number in scope.school_numbers}
-            needed |= {f"{settings.ous.student_prefix}{school.abbreviation}{settings.ous.building_suffix}"
+            needed |= {building_ou(school, settings)
                        for school in schools if school.abbreviation and counts.get(school.number)}
         directory = confirm_org_units(client, policy, directory, needed)
         missing = sorted(ou for ou in needed if ou.lower() not in directory.org_units)
@@ -2982,7 +3011,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.check or args.dry_run:  # changes nothing: no need to wait for another run
             code = task(run)
         else:
-            with RunLock(settings.logging.dir / f"student_sync-{settings.instance}.lock"):
+            with RunLock(run.lock_path):
                 code = task(run)
     except StopRun as exc:
         log.error("%s", exc)
