@@ -358,7 +358,8 @@ def test_no_change_run_makes_only_list_calls(sync):
     user_lists = [r for r in sync.server.requests if r.path == "/admin/directory/v1/users"]
     # Listed from both ends at once: each end may read one page past the meeting point.
     assert len(user_lists) <= math.ceil(1100 / 500) + 2
-    assert all(r.method == "GET" and r.query["maxResults"] == "500" for r in user_lists)
+    assert all(r.method == "GET" and r.query["maxResults"] == "500" and r.query["domain"] == "d118.org"
+               for r in user_lists)
     assert len(sync.server.requests) == len(user_lists) + 1   # and one orgunits.list
     assert "1100 already in step" in result.output
 
