@@ -1487,6 +1487,16 @@ class DirectoryServer:
     def customer_id(self) -> str:
         return self._state.customer_id
 
+    @property
+    def licensing(self) -> Any:
+        """The Enterprise License Manager API served beside this one (testkit/licensing.py)."""
+        with self._lock:
+            if getattr(self, "_licensing", None) is None:
+                from testkit.licensing import Licensing
+
+                self._licensing = Licensing(self)
+            return self._licensing
+
     # fixtures --------------------------------------------------------------------------------
     def add_orgunit(self, path: str) -> dict:
         """Create an org unit and any missing parents; returns the OU resource."""
@@ -1648,6 +1658,8 @@ class DirectoryServer:
     def _execute(self, method: str, target: str, body: bytes) -> _Response:
         split = urlsplit(target)
         query = dict(parse_qsl(split.query, keep_blank_values=True))
+        if split.path.startswith("/apps/licensing/v1/"):
+            return self.licensing.execute(method, split.path, query, body)
         try:
             handler, schema, params = self._api.route(method, split.path)
             fields = _parse_fields(query.get("fields"), schema)
