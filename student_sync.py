@@ -8,8 +8,20 @@ Directory API.  Meant to run unattended every night; see README.md and SPEC.md.
     python student_sync.py --all --dry-run
     python student_sync.py --building 123 --report changes.csv
 
-Sections, top to bottom, each leaning only on the ones above it:
-settings, PowerSchool, directory, plan, apply, report, command line.
+Sections, top to bottom, each using only names from itself and the ones above it
+(tests/test_layout.py checks this):
+
+  Prelude: exit codes, the exceptions that stop a run, helpers for text, numbers, hosts
+  Settings: the TOML file as frozen records, every key checked at load
+  PowerSchool: school and student rows, the scope, the two queries, the connection
+  Google: credentials, errors, rate limit and retries, the client, the directory read
+  Plan: SPEC section 3's rules as pure functions, from rows and accounts to changes
+  Safety rules: when a plan must not be applied without --allow-mass-changes (pure)
+  Apply: executes a plan's changes, one outcome each; decides nothing
+  Run files: plan files, the journal and undo, school counts, the run lock, the log file
+  Report: log lines, the CSV report, the summary, progress, the summary email
+  Runs: sync, apply a reviewed plan, undo, check; each reads top to bottom
+  Command line: options and main(), which turns every ending into an exit code
 """
 
 from __future__ import annotations
@@ -22,6 +34,8 @@ import dataclasses
 import datetime as dt
 import decimal
 import functools
+import hashlib
+import ipaddress
 import itertools
 import json
 import logging
@@ -39,6 +53,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Callable, Iterable, Mapping, Sequence
+from urllib.parse import urlsplit
+
+
+# =============================================================================
+# Prelude
+# =============================================================================
+# Used by every section below: the version, the logger, exit codes, the exceptions that
+# end a run (each carries its exit code), and small helpers for text, numbers, addresses
+# and hosts.
 
 __version__ = "0.1.0"
 
@@ -50,13 +73,6 @@ EXIT_OK = 0
 EXIT_FAILURES = 1
 EXIT_ERROR = 2
 EXIT_SAFETY = 3
-
-SCOPES = (
-    "https://www.googleapis.com/auth/admin.directory.user",
-    "https://www.googleapis.com/auth/admin.directory.orgunit.readonly",
-    "https://www.googleapis.com/auth/admin.directory.group",
-    "https://www.googleapis.com/auth/admin.directory.userschema.readonly",
-)
 
 
 class StopRun(Exception):
@@ -83,9 +99,55 @@ class SafetyStop(StopRun):
     exit_code = EXIT_SAFETY
 
 
+def _clean_spaces(value: Any) -> str:
+    """Text with ends trimmed and inner white space collapsed; NULL is empty."""
+    if value is None:
+        return ""
+    return " ".join(str(value).split())
+
+
+def _as_int(value: Any) -> int | None:
+    """A whole number from an int, integral float or Decimal, or numeric text; else None."""
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else None
+    if isinstance(value, (decimal.Decimal, str, bytes)):
+        text = value.decode() if isinstance(value, bytes) else str(value)
+        try:
+            number = decimal.Decimal(text.strip())
+        except decimal.InvalidOperation:
+            return None
+        if not number.is_finite() or number != number.to_integral_value():
+            return None
+        return int(number)
+    return None
+
+
+def _key(email: str) -> str:
+    """The lower-cased address, reusing the string when it is lower-case already."""
+    lowered = email.lower()
+    return email if lowered == email else lowered
+
+
+def _is_loopback(host: str) -> bool:
+    """Is `host` this machine: localhost, 127.x.x.x or ::1 (brackets allowed)?"""
+    host = host.strip("[]").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 # =============================================================================
 # Settings
 # =============================================================================
+# The TOML settings file as frozen records: every key checked once, at load, against one
+# table of keys; an error names its section and key.
 
 _REQUIRED = object()
 
@@ -182,8 +244,6 @@ class Settings:
         """A short name for this settings file, for the files of the logs folder that belong
         to one district's runs (lock, school counts): several settings files can share a
         logs folder without sharing those."""
-        import hashlib
-
         return hashlib.sha256(str(self.path.resolve()).lower().encode()).hexdigest()[:8]
 
 
@@ -409,7 +469,7 @@ def settings_from_dict(raw: Mapping[str, Any], path: Path) -> Settings:
     if endpoint is not None:
         if not re.match(r"https?://", endpoint):
             raise SettingsError(f'settings: [google] api_endpoint: "{endpoint}" must start with http:// or https://')
-        loopback = re.match(r"http://(127\.[0-9.]+|localhost|\[::1\])(:[0-9]+)?/", endpoint.rstrip("/") + "/")
+        loopback = _is_loopback(urlsplit(endpoint).hostname or "")
         if gg["auth"] != "none" and endpoint.startswith("http://") and not loopback:
             raise SettingsError(f'settings: [google] api_endpoint: "{endpoint}" would carry Google tokens '
                                 "unencrypted: use https://")
@@ -484,6 +544,8 @@ def settings_from_dict(raw: Mapping[str, Any], path: Path) -> Settings:
 # =============================================================================
 # PowerSchool
 # =============================================================================
+# School and student rows as PowerSchool holds them, the scope of a run, and the two
+# queries that read them from any DB-API connection (Oracle, or a SQLite copy).
 
 
 @dataclass(frozen=True)
@@ -524,6 +586,7 @@ class Scope:
 _SCHOOLS_SQL = (
     "SELECT SCHOOL_NUMBER, NAME, ABBREVIATION, STATE_EXCLUDEFROMREPORTING FROM SCHOOLS"
 )
+
 
 # Rows of the scope's schools, plus every other row of the same students, so that a
 # student's decision is weighed across the whole district (SPEC section 3).
@@ -686,9 +749,24 @@ def _describe_db_error(error: BaseException) -> str:
     return text
 
 
+def _is_db_error(exc: BaseException) -> bool:
+    return isinstance(exc, sqlite3.Error) or type(exc).__module__.startswith("oracledb")
+
+
 # =============================================================================
-# Directory
+# Google
 # =============================================================================
+# The Directory API: credentials, Google's errors, the rate limiter and retry policy, one
+# client whose `call(request)` sends every request, and the bulk read of the directory
+# (accounts and OUs) a plan is made from.
+
+
+SCOPES = (
+    "https://www.googleapis.com/auth/admin.directory.user",
+    "https://www.googleapis.com/auth/admin.directory.orgunit.readonly",
+    "https://www.googleapis.com/auth/admin.directory.group",
+    "https://www.googleapis.com/auth/admin.directory.userschema.readonly",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -741,58 +819,6 @@ def account_from_resource(resource: Mapping[str, Any], category: str) -> Account
         org_unit=sys.intern(resource.get("orgUnitPath") or "/"),
         attributes=shared_mapping(tuple(sorted(attributes))),
     )
-
-
-class DirectoryClient:
-    """The Directory API: one service object, one HTTP connection per thread.
-
-    httplib2 is not thread-safe, so requests are built from the shared service and
-    executed on the calling thread's own connection.
-    """
-
-    def __init__(self, settings: Settings, credentials: Any = None):
-        self.settings = settings
-        self.credentials = credentials
-        self._local = threading.local()
-        self._lock = threading.Lock()
-        self._resources: dict[str, Any] = {}
-
-    def resource(self, name: str) -> Any:
-        """`users`, `orgunits`, `groups`, `members` or `schemas` of the shared service."""
-        with self._lock:
-            if not self._resources:
-                service = self._build()
-                for each in ("users", "orgunits", "groups", "members", "schemas"):
-                    self._resources[each] = getattr(service, each)()
-            return self._resources[name]
-
-    def execute(self, request: Any) -> Any:
-        """Send a built request on this thread's connection."""
-        return request.execute(http=self._http())
-
-    def _http(self) -> Any:
-        http = getattr(self._local, "http", None)
-        if http is None:
-            import httplib2
-
-            http = httplib2.Http(timeout=60)
-            if self.credentials is not None:
-                import google_auth_httplib2
-
-                http = google_auth_httplib2.AuthorizedHttp(self.credentials, http=http)
-            self._local.http = http
-        return http
-
-    def _build(self) -> Any:
-        from googleapiclient.discovery import build
-
-        options = {}
-        if self.settings.google.api_endpoint:
-            options["api_endpoint"] = self.settings.google.api_endpoint
-        return build(
-            "admin", "directory_v1", http=self._http(), static_discovery=True,
-            cache_discovery=False, client_options=options or None,
-        )
 
 
 def google_credentials(settings: Settings, *, interactive: bool = False) -> Any:
@@ -900,11 +926,232 @@ def _write_private(path: Path, text: str) -> None:
             temporary.unlink()
 
 
-def read_org_units(client: DirectoryClient, policy: "RetryPolicy") -> dict[str, str]:
+def _http_error_class() -> type[Exception]:
+    """googleapiclient's HttpError, imported when first needed: loading googleapiclient takes
+    a noticeable part of a second, which a --help or a settings error should not pay."""
+    from googleapiclient.errors import HttpError
+
+    return HttpError
+
+
+_RATE_REASONS = {"rateLimitExceeded", "userRateLimitExceeded", "quotaExceeded",
+                 "RATE_LIMIT_EXCEEDED", "RESOURCE_EXHAUSTED"}
+
+
+def _error_reasons(exc: Exception) -> list[str]:
+    """Every reason a Google error body gives: `errors[].reason`, `details[].reason`, `status`.
+
+    googleapiclient keeps only one of these lists in `error_details`, so the body is read
+    again here.
+    """
+    try:
+        error = json.loads(getattr(exc, "content", b"") or b"{}").get("error", {})
+    except (ValueError, AttributeError):
+        return []
+    if not isinstance(error, dict):
+        return []
+    reasons = [e.get("reason") for key in ("errors", "details") for e in error.get(key) or []
+               if isinstance(e, dict)]
+    if error.get("status"):
+        reasons.append(error["status"])
+    return [r for r in reasons if isinstance(r, str) and r]
+
+
+def _http_error_parts(exc: Exception) -> tuple[int, str, str]:
+    """(status, reason, message) of an HttpError, whatever its body looked like."""
+    status = getattr(exc, "status_code", None) or getattr(getattr(exc, "resp", None), "status", 0) or 0
+    details = getattr(exc, "error_details", "")
+    reasons = _error_reasons(exc)
+    reason = reasons[0] if reasons else ""
+    if isinstance(details, list) and details and isinstance(details[0], dict):
+        message = details[0].get("message") or getattr(exc, "reason", "") or ""
+    elif isinstance(details, str) and details.strip():
+        text = re.sub(r"<[^>]+>", " ", details)
+        message = " ".join(text.split())[:120] or "(empty answer)"
+        if details.lstrip().startswith("<"):
+            message = f"non-JSON answer: {message}"
+    else:
+        message = getattr(exc, "reason", "") or ""
+    return int(status), reason, str(message)
+
+
+def describe_http_error(exc: Exception) -> str:
+    status, reason, message = _http_error_parts(exc)
+    return f"HTTP {status}" + (f" {reason}" if reason else "") + (f": {message}" if message else "")
+
+
+def _describe_any(exc: BaseException) -> str:
+    if isinstance(exc, _http_error_class()):
+        return describe_http_error(exc)
+    return type(exc).__name__
+
+
+def _is_network_error(exc: BaseException, *, may_pass: bool = False) -> bool:
+    """A failure to reach the server.  With `may_pass`, only the kind that another try may
+    cure: a dropped, refused or timed-out connection, not an unknown host."""
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    try:
+        import httplib2
+        from google.auth.exceptions import TransportError
+    except ImportError:
+        return not may_pass and isinstance(exc, OSError)
+    if isinstance(exc, httplib2.ServerNotFoundError):
+        return not may_pass
+    if isinstance(exc, (TransportError, httplib2.HttpLib2Error)):
+        return True
+    return not may_pass and isinstance(exc, OSError)
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """429, 5xx, 403 rate-limit reasons, and dropped connections are worth another try."""
+    if isinstance(exc, _http_error_class()):
+        status = _http_error_parts(exc)[0]
+        return status == 429 or status >= 500 or (
+            status == 403 and any(r in _RATE_REASONS for r in _error_reasons(exc)))
+    return _is_network_error(exc, may_pass=True)
+
+
+class RateLimiter:
+    """At most `rate` calls start in any window of a second (thread-safe).
+
+    Two rules together: a token bucket lets a short burst (up to BURST calls, a small
+    run's few reads) go out at once and then spaces calls evenly at the rate; a sliding
+    window over the last `rate` calls makes sure no second ever holds more.  Calls are
+    counted when they are let through, and the window has some slack, so that their
+    arrival at the server stays inside the limit too.
+    """
+
+    BURST = 8
+    SLACK = 0.05
+
+    def __init__(self, rate: float, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep):
+        # Whole calls per second; below one a second, one call per 1/rate seconds.
+        self.rate = rate
+        self.capacity = max(1, int(rate))
+        self.window = max(1.0, 1.0 / rate) + self.SLACK
+        self.burst = min(self.BURST, self.capacity)
+        self._clock, self._sleep = clock, sleep
+        self._granted: collections.deque[float] = collections.deque(maxlen=self.capacity)
+        self._tokens = float(self.burst)
+        self._filled = clock()
+        self._lock = threading.Lock()
+
+    def acquire(self) -> None:
+        while True:
+            with self._lock:
+                now = self._clock()
+                self._tokens = min(self.burst, self._tokens + (now - self._filled) * self.rate)
+                self._filled = now
+                window_free = len(self._granted) < self.capacity or now >= self._granted[0] + self.window
+                if self._tokens >= 1 and window_free:
+                    self._tokens -= 1
+                    self._granted.append(now)
+                    return
+                wait = max((1 - self._tokens) / self.rate,
+                           0.0 if window_free else self._granted[0] + self.window - now)
+            self._sleep(max(wait, 0.001))
+
+
+@dataclass
+class RetryPolicy:
+    """Exponential backoff with jitter, as Google advises: 2**n s + up to 1 s, n = 0, 1, 2..."""
+
+    attempts: int = 6
+    refused_attempts: int = 2
+    max_delay: float = 32.0
+    sleep: Callable[[float], None] = time.sleep
+    jitter: Callable[[], float] = random.random
+    limiter: RateLimiter | None = None
+
+    def delay(self, retry: int) -> float:
+        return min(2.0 ** retry, self.max_delay) + self.jitter()
+
+    def call(self, request: Callable[[], Any], *, limiters: Sequence[RateLimiter] = ()) -> Any:
+        """Run `request`, retrying what is worth retrying; the last error propagates.
+
+        A refused connection is tried only `refused_attempts` times: it rarely heals in
+        a minute, and a wrong endpoint should fail fast.
+        """
+        for attempt in range(self.attempts):
+            for limiter in ((self.limiter,) if self.limiter else ()) + tuple(limiters):
+                limiter.acquire()
+            try:
+                return request()
+            except Exception as exc:
+                last = self.refused_attempts if isinstance(exc, ConnectionRefusedError) else self.attempts
+                if attempt + 1 >= last or not is_retryable(exc):
+                    raise
+                wait = self.delay(attempt)
+                log.debug("retrying in %.1f s after %s", wait,
+                          describe_http_error(exc) if hasattr(exc, "resp") else type(exc).__name__)
+                self.sleep(wait)
+        raise AssertionError("unreachable")
+
+
+class DirectoryClient:
+    """The Directory API: one service object, one HTTP connection per thread, one retry policy.
+
+    httplib2 is not thread-safe, so requests are built from the shared service and
+    executed on the calling thread's own connection.
+    """
+
+    def __init__(self, settings: Settings, credentials: Any = None, policy: RetryPolicy | None = None):
+        self.settings = settings
+        self.credentials = credentials
+        self.policy = policy or RetryPolicy()
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._resources: dict[str, Any] = {}
+
+    def resource(self, name: str) -> Any:
+        """`users`, `orgunits`, `groups`, `members` or `schemas` of the shared service."""
+        with self._lock:
+            if not self._resources:
+                service = self._build()
+                for each in ("users", "orgunits", "groups", "members", "schemas"):
+                    self._resources[each] = getattr(service, each)()
+            return self._resources[name]
+
+    def call(self, request: Any, *, limiters: Sequence[RateLimiter] = ()) -> Any:
+        """Send a built request on this thread's connection under the retry policy (and
+        `limiters` besides the policy's own); the last error propagates."""
+        return self.policy.call(functools.partial(self._send, request), limiters=limiters)
+
+    def _send(self, request: Any) -> Any:
+        return request.execute(http=self._http())
+
+    def _http(self) -> Any:
+        http = getattr(self._local, "http", None)
+        if http is None:
+            import httplib2
+
+            http = httplib2.Http(timeout=60)
+            if self.credentials is not None:
+                import google_auth_httplib2
+
+                http = google_auth_httplib2.AuthorizedHttp(self.credentials, http=http)
+            self._local.http = http
+        return http
+
+    def _build(self) -> Any:
+        from googleapiclient.discovery import build
+
+        options = {}
+        if self.settings.google.api_endpoint:
+            options["api_endpoint"] = self.settings.google.api_endpoint
+        return build(
+            "admin", "directory_v1", http=self._http(), static_discovery=True,
+            cache_discovery=False, client_options=options or None,
+        )
+
+
+def read_org_units(client: DirectoryClient) -> dict[str, str]:
     """Every OU of the domain: lower-cased path -> path as Google spells it."""
     request = client.resource("orgunits").list(
         customerId="my_customer", type="all", fields="organizationUnits(orgUnitPath)", prettyPrint=False)
-    answer = policy.call(functools.partial(client.execute, request))
+    answer = client.call(request)
     units = {"/": "/"}
     for unit in answer.get("organizationUnits", []) or []:
         path = unit.get("orgUnitPath")
@@ -924,9 +1171,9 @@ class _TwoEndedListing:
     reads to the end on its own.
     """
 
-    def __init__(self, client: DirectoryClient, settings: Settings, policy: "RetryPolicy",
+    def __init__(self, client: DirectoryClient, settings: Settings,
                  cancel: threading.Event | None = None, pages: Callable[[int], None] | None = None):
-        self.client, self.settings, self.policy = client, settings, policy
+        self.client, self.settings = client, settings
         self.cancel = cancel or threading.Event()
         self.pages = pages or (lambda count: None)
         self.category = settings.custom_schema.category
@@ -967,7 +1214,7 @@ class _TwoEndedListing:
             with self._lock:
                 if self._done(ascending):
                     return
-            answer = self.policy.call(functools.partial(self.client.execute, request))
+            answer = self.client.call(request)
             page = [account_from_resource(r, self.category)
                     for r in answer.get("users", []) or [] if r.get("primaryEmail")]
             keys = [_key(a.email) for a in page]
@@ -994,7 +1241,7 @@ class _TwoEndedListing:
                 previous = keys[-1]
 
 
-def read_accounts(client: DirectoryClient, settings: Settings, policy: "RetryPolicy",
+def read_accounts(client: DirectoryClient, settings: Settings,
                   cancel: threading.Event | None = None,
                   pages: Callable[[int], None] | None = None) -> dict[str, Account]:
     """Every account of the domain, in pages of 500, keyed by lower-cased primary email.
@@ -1002,10 +1249,10 @@ def read_accounts(client: DirectoryClient, settings: Settings, policy: "RetryPol
     Setting `cancel` stops the listing after the pages in flight (the result is then
     incomplete and must not be used); `pages` hears the size of each page read.
     """
-    return _TwoEndedListing(client, settings, policy, cancel, pages).read()
+    return _TwoEndedListing(client, settings, cancel, pages).read()
 
 
-def confirm_org_units(client: DirectoryClient, policy: "RetryPolicy", directory: Directory,
+def confirm_org_units(client: DirectoryClient, directory: Directory,
                       wanted: Iterable[str], most: int = 50) -> Directory:
     """Ask for each wanted OU that the OU list lacks, one orgunits.get each (at most `most`).
 
@@ -1013,8 +1260,6 @@ def confirm_org_units(client: DirectoryClient, policy: "RetryPolicy", directory:
     checked before anyone is: a server whose list leaves some OUs out, or an OU made a
     moment ago, does not fail a whole building.
     """
-    from googleapiclient.errors import HttpError
-
     missing = sorted({ou for ou in wanted if ou.lower() not in directory.org_units})
     if not missing:
         return directory
@@ -1024,8 +1269,8 @@ def confirm_org_units(client: DirectoryClient, policy: "RetryPolicy", directory:
         request = orgunits.get(customerId="my_customer", orgUnitPath=path.lstrip("/"),
                                fields="orgUnitPath")
         try:
-            found = policy.call(functools.partial(client.execute, request)).get("orgUnitPath")
-        except HttpError as exc:
+            found = client.call(request).get("orgUnitPath")
+        except _http_error_class() as exc:
             if _http_error_parts(exc)[0] not in (400, 404):
                 log.debug("OU %s could not be read: %s", path, describe_http_error(exc))
             continue
@@ -1034,19 +1279,22 @@ def confirm_org_units(client: DirectoryClient, policy: "RetryPolicy", directory:
     return Directory(accounts=directory.accounts, org_units=units)
 
 
-def read_directory(client: DirectoryClient, settings: Settings, policy: "RetryPolicy",
+def read_directory(client: DirectoryClient, settings: Settings,
                    cancel: threading.Event | None = None,
                    pages: Callable[[int], None] | None = None) -> Directory:
     """Accounts and OUs, read at the same time."""
     with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="orgunits") as pool:
-        org_units = pool.submit(read_org_units, client, policy)
-        accounts = read_accounts(client, settings, policy, cancel, pages)
+        org_units = pool.submit(read_org_units, client)
+        accounts = read_accounts(client, settings, cancel, pages)
         return Directory(accounts=accounts, org_units=org_units.result())
 
 
 # =============================================================================
 # Plan
 # =============================================================================
+# The rules of SPEC section 3 as pure functions: PowerSchool rows become one decision per
+# student, and a decision and an account become at most one change.  No I/O, no clock, no
+# environment: the plan is a value that can be printed, counted, checked and saved.
 
 ERROR, WARNING, SKIP = "error", "warning", "skip"
 
@@ -1118,12 +1366,6 @@ class Change:
         return "; ".join(parts)
 
 
-def failed_students(notices: Iterable[Notice], outcomes: Iterable["Outcome"] = ()) -> set[tuple[str, str]]:
-    """(student number, email) of every student with a bad-data error or a failed change."""
-    failed = {(n.student_number, n.email) for n in notices if n.level == ERROR}
-    return failed | {(str(o.change.student_number), o.change.email) for o in outcomes if o.failed}
-
-
 @dataclass(frozen=True)
 class Plan:
     changes: tuple[Change, ...]
@@ -1132,18 +1374,12 @@ class Plan:
     unchanged: int
 
     def failed_students(self) -> int:
-        return len(failed_students(self.notices))
+        """How many students have a bad-data error."""
+        return len({(n.student_number, n.email) for n in self.notices if n.level == ERROR})
 
     def suspensions(self) -> list[Change]:
         """Changes that take an account from active to suspended."""
         return [c for c in self.changes if "suspend" in c.labels]
-
-
-def _clean_spaces(value: Any) -> str:
-    """Text with ends trimmed and inner white space collapsed; NULL is empty."""
-    if value is None:
-        return ""
-    return " ".join(str(value).split())
 
 
 _APOSTROPHES = "'\u2019"
@@ -1171,26 +1407,6 @@ def normalize_name(value: Any) -> str:
     return "".join(letters)
 
 
-def _as_int(value: Any) -> int | None:
-    """A whole number from an int, integral float or Decimal, or numeric text; else None."""
-    if value is None or isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float):
-        return int(value) if value.is_integer() else None
-    if isinstance(value, (decimal.Decimal, str, bytes)):
-        text = value.decode() if isinstance(value, bytes) else str(value)
-        try:
-            number = decimal.Decimal(text.strip())
-        except decimal.InvalidOperation:
-            return None
-        if not number.is_finite() or number != number.to_integral_value():
-            return None
-        return int(number)
-    return None
-
-
 def is_frozen(org_unit: str, frozen: Iterable[str]) -> bool:
     """True when a frozen path appears in `org_unit` as whole path segments."""
     segments = [s.lower() for s in org_unit.split("/") if s]
@@ -1202,12 +1418,6 @@ def is_frozen(org_unit: str, frozen: Iterable[str]) -> bool:
             if segments[start:start + len(wanted)] == wanted:
                 return True
     return False
-
-
-def _key(email: str) -> str:
-    """The lower-cased address, reusing the string when it is lower-case already."""
-    lowered = email.lower()
-    return email if lowered == email else lowered
 
 
 def email_for(student_number: int, settings: Settings) -> str:
@@ -1508,168 +1718,85 @@ def plan(rows: Iterable[StudentRow], directory: Directory, settings: Settings,
     return plan_changes(decide_all(rows, settings, today, scope), directory, settings)
 
 
+def unowned_accounts(directory: Directory, numbers: set[int], settings: Settings) -> list[Account]:
+    """Accounts under the student OU prefix whose address is none of these student numbers'."""
+    prefix = settings.ous.student_prefix.lower()
+    suffix = settings.google.email_suffix
+    found = []
+    for key, account in sorted(directory.accounts.items()):
+        if not (account.org_unit.lower() + "/").startswith(prefix):
+            continue
+        local, _, domain = key.partition("@")
+        # Only the exact address a student number gives: 01002@ is not student 1002's.
+        number = int(local) if "@" + domain == suffix and local.isdigit() and str(int(local)) == local else None
+        if number is None or number not in numbers:
+            found.append(account)
+    return found
+
+
+# =============================================================================
+# Safety rules
+# =============================================================================
+# When a plan must not be applied without --allow-mass-changes: PowerSchool returned
+# nobody, a school lost too many students since the last run, or too many suspensions.
+# Pure, like the plan.
+
+
+def active_counts(rows: Iterable[StudentRow], scope: Scope) -> dict[int, int]:
+    """Active students (ENROLL_STATUS 0 or -1) per school of the scope."""
+    students: dict[int, set[int]] = {n: set() for n in scope.school_numbers}
+    for row in rows:
+        number = _as_int(row.student_number)
+        if row.school is None or row.school.number not in students or number is None:
+            continue
+        if _as_int(row.enroll_status) in (0, -1):
+            students[row.school.number].add(number)
+    return {school: len(numbers) for school, numbers in students.items()}
+
+
+def school_drops(previous: Mapping[int, int], current: Mapping[int, int], percent: float) -> list[str]:
+    """Schools that had at least 20 active students and lost more than `percent` of them."""
+    drops = []
+    for school, now in sorted(current.items()):
+        before = previous.get(school)
+        if before is None or before < 20:
+            continue
+        if now == 0 or now < before * (1 - percent / 100):
+            lost = 100 * (before - now) / before
+            drops.append(f"school {school}: {before} -> {now} active students (-{lost:.0f}%)")
+    return drops
+
+
+def _safety_problems(plan_: Plan, row_count: int, active: Mapping[int, int], scope: Scope,
+                     settings: Settings, previous_counts: Mapping[int, int]) -> list[str]:
+    """Why this run must not go ahead without --allow-mass-changes; empty when it may."""
+    if not row_count and scope.school_numbers:
+        return [f"PowerSchool returned no students for {scope.describe()} "
+                f"({len(scope.school_numbers)} school(s)): stopping rather than suspending everyone; "
+                "check the database"]
+    problems = []
+    drops = school_drops(previous_counts, active, settings.safety.max_school_drop_percent)
+    if drops:
+        problems.append(f"active students dropped by more than [safety] max_school_drop_percent = "
+                        f"{settings.safety.max_school_drop_percent:g}% since the last run: " + "; ".join(drops))
+    suspensions = plan_.suspensions()
+    limit = settings.safety.max_suspensions
+    if len(suspensions) > limit:
+        by_school: Counter[str] = Counter()
+        for change in suspensions:
+            decision = plan_.decisions.get(change.email.lower())
+            by_school[str(decision.school_number) if decision else "?"] += 1
+        where = ", ".join(f"school {s}: {n}" for s, n in sorted(by_school.items()))
+        problems.append(f"this run would suspend {len(suspensions)} accounts, more than "
+                        f"[safety] max_suspensions = {limit} ({where})")
+    return problems
+
+
 # =============================================================================
 # Apply
 # =============================================================================
-
-_RATE_REASONS = {"rateLimitExceeded", "userRateLimitExceeded", "quotaExceeded",
-                 "RATE_LIMIT_EXCEEDED", "RESOURCE_EXHAUSTED"}
-
-
-def _error_reasons(exc: Exception) -> list[str]:
-    """Every reason a Google error body gives: `errors[].reason`, `details[].reason`, `status`.
-
-    googleapiclient keeps only one of these lists in `error_details`, so the body is read
-    again here.
-    """
-    try:
-        error = json.loads(getattr(exc, "content", b"") or b"{}").get("error", {})
-    except (ValueError, AttributeError):
-        return []
-    if not isinstance(error, dict):
-        return []
-    reasons = [e.get("reason") for key in ("errors", "details") for e in error.get(key) or []
-               if isinstance(e, dict)]
-    if error.get("status"):
-        reasons.append(error["status"])
-    return [r for r in reasons if isinstance(r, str) and r]
-
-
-def _http_error_parts(exc: Exception) -> tuple[int, str, str]:
-    """(status, reason, message) of an HttpError, whatever its body looked like."""
-    status = getattr(exc, "status_code", None) or getattr(getattr(exc, "resp", None), "status", 0) or 0
-    details = getattr(exc, "error_details", "")
-    reasons = _error_reasons(exc)
-    reason = reasons[0] if reasons else ""
-    if isinstance(details, list) and details and isinstance(details[0], dict):
-        message = details[0].get("message") or getattr(exc, "reason", "") or ""
-    elif isinstance(details, str) and details.strip():
-        text = re.sub(r"<[^>]+>", " ", details)
-        message = " ".join(text.split())[:120] or "(empty answer)"
-        if details.lstrip().startswith("<"):
-            message = f"non-JSON answer: {message}"
-    else:
-        message = getattr(exc, "reason", "") or ""
-    return int(status), reason, str(message)
-
-
-def describe_http_error(exc: Exception) -> str:
-    status, reason, message = _http_error_parts(exc)
-    return f"HTTP {status}" + (f" {reason}" if reason else "") + (f": {message}" if message else "")
-
-
-def _is_connection_error(exc: BaseException) -> bool:
-    """A dropped, refused or timed-out connection (not an unknown host)."""
-    if isinstance(exc, (ConnectionError, TimeoutError)):
-        return True
-    try:
-        from google.auth.exceptions import TransportError
-        import httplib2
-    except ImportError:
-        return False
-    if isinstance(exc, httplib2.ServerNotFoundError):
-        return False
-    return isinstance(exc, (TransportError, httplib2.HttpLib2Error))
-
-
-def _is_network_error(exc: BaseException) -> bool:
-    """Any failure to reach the server, retryable or not (an unknown host is not)."""
-    if isinstance(exc, OSError) or _is_connection_error(exc):
-        return True
-    try:
-        import httplib2
-    except ImportError:
-        return False
-    return isinstance(exc, httplib2.HttpLib2Error)
-
-
-def is_retryable(exc: BaseException) -> bool:
-    """429, 5xx, 403 rate-limit reasons, and dropped connections are worth another try."""
-    from googleapiclient.errors import HttpError
-
-    if isinstance(exc, HttpError):
-        status = _http_error_parts(exc)[0]
-        return status == 429 or status >= 500 or (
-            status == 403 and any(r in _RATE_REASONS for r in _error_reasons(exc)))
-    return _is_connection_error(exc)
-
-
-class RateLimiter:
-    """At most `rate` calls start in any window of a second (thread-safe).
-
-    Two rules together: a token bucket lets a short burst (up to BURST calls, a small
-    run's few reads) go out at once and then spaces calls evenly at the rate; a sliding
-    window over the last `rate` calls makes sure no second ever holds more.  Calls are
-    counted when they are let through, and the window has some slack, so that their
-    arrival at the server stays inside the limit too.
-    """
-
-    BURST = 8
-    SLACK = 0.05
-
-    def __init__(self, rate: float, clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep):
-        # Whole calls per second; below one a second, one call per 1/rate seconds.
-        self.rate = rate
-        self.capacity = max(1, int(rate))
-        self.window = max(1.0, 1.0 / rate) + self.SLACK
-        self.burst = min(self.BURST, self.capacity)
-        self._clock, self._sleep = clock, sleep
-        self._granted: collections.deque[float] = collections.deque(maxlen=self.capacity)
-        self._tokens = float(self.burst)
-        self._filled = clock()
-        self._lock = threading.Lock()
-
-    def acquire(self) -> None:
-        while True:
-            with self._lock:
-                now = self._clock()
-                self._tokens = min(self.burst, self._tokens + (now - self._filled) * self.rate)
-                self._filled = now
-                window_free = len(self._granted) < self.capacity or now >= self._granted[0] + self.window
-                if self._tokens >= 1 and window_free:
-                    self._tokens -= 1
-                    self._granted.append(now)
-                    return
-                wait = max((1 - self._tokens) / self.rate,
-                           0.0 if window_free else self._granted[0] + self.window - now)
-            self._sleep(max(wait, 0.001))
-
-
-@dataclass
-class RetryPolicy:
-    """Exponential backoff with jitter, as Google advises: 2**n s + up to 1 s, n = 0, 1, 2..."""
-
-    attempts: int = 6
-    refused_attempts: int = 2
-    max_delay: float = 32.0
-    sleep: Callable[[float], None] = time.sleep
-    jitter: Callable[[], float] = random.random
-    limiter: RateLimiter | None = None
-
-    def delay(self, retry: int) -> float:
-        return min(2.0 ** retry, self.max_delay) + self.jitter()
-
-    def call(self, request: Callable[[], Any], *, limiters: Sequence[RateLimiter] = ()) -> Any:
-        """Run `request`, retrying what is worth retrying; the last error propagates.
-
-        A refused connection is tried only `refused_attempts` times: it rarely heals in
-        a minute, and a wrong endpoint should fail fast.
-        """
-        for attempt in range(self.attempts):
-            for limiter in ((self.limiter,) if self.limiter else ()) + tuple(limiters):
-                limiter.acquire()
-            try:
-                return request()
-            except Exception as exc:
-                last = self.refused_attempts if isinstance(exc, ConnectionRefusedError) else self.attempts
-                if attempt + 1 >= last or not is_retryable(exc):
-                    raise
-                wait = self.delay(attempt)
-                log.debug("retrying in %.1f s after %s", wait,
-                          describe_http_error(exc) if hasattr(exc, "resp") else type(exc).__name__)
-                self.sleep(wait)
-        raise AssertionError("unreachable")
+# Executes a plan's changes through the Directory API, one outcome per change; it decides
+# nothing (a create that meets an existing account asks the runner's `reconcile`).
 
 
 @dataclass
@@ -1683,6 +1810,8 @@ class Outcome:
     # What was really sent when it differs from `change` (a create that met 409 and was
     # reconciled): None means `change` itself, () means nothing.
     made: tuple[Change, ...] | None = None
+    # What the rules said about an account met on the way (a create's 409), for the log.
+    notices: tuple[Notice, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -1697,6 +1826,12 @@ class Outcome:
         return self.result.startswith("failed")
 
 
+def failed_students(notices: Iterable[Notice], outcomes: Iterable[Outcome] = ()) -> set[tuple[str, str]]:
+    """(student number, email) of every student with a bad-data error or a failed change."""
+    failed = {(n.student_number, n.email) for n in notices if n.level == ERROR}
+    return failed | {(str(o.change.student_number), o.change.email) for o in outcomes if o.failed}
+
+
 class _Failed(Exception):
     """Carries a failed change's outcome out of the steps that made part of it."""
 
@@ -1705,23 +1840,35 @@ class _Failed(Exception):
         self.outcome = outcome
 
 
-def _describe_any(exc: BaseException) -> str:
-    from googleapiclient.errors import HttpError
+class _CountedRequest:
+    """A built request that counts how often it was sent: a create answered 409 after a
+    retry met the account its own lost first try made."""
 
-    if isinstance(exc, HttpError):
-        return describe_http_error(exc)
-    return type(exc).__name__
+    def __init__(self, request: Any):
+        self.request, self.sends = request, 0
+
+    def execute(self, **options: Any) -> Any:
+        self.sends += 1
+        return self.request.execute(**options)
+
+
+# What a create that met an existing account does instead: given the planned create and
+# the account Google holds, the update the rules want (None: in step) and their notices.
+Reconcile = Callable[[Change, Account], tuple[Change | None, tuple[Notice, ...]]]
 
 
 class Applier:
-    """Executes a plan's changes through the Directory API."""
+    """Executes a plan's changes through the Directory API.
 
-    def __init__(self, client: DirectoryClient, settings: Settings, directory: Directory,
-                 decisions: Mapping[str, Decision], password: str | None,
-                 policy: RetryPolicy, creates: RateLimiter, workers: int = 8):
-        self.client, self.settings, self.directory = client, settings, directory
-        self.decisions, self._password = decisions, password
-        self.policy, self.creates, self.workers = policy, creates, workers
+    It plans nothing: a create answered 409 (the account exists) is handed to `reconcile`,
+    built by the runner from the rules; without one (a reviewed plan, an undo) the account
+    must already hold the planned values.
+    """
+
+    def __init__(self, client: DirectoryClient, settings: Settings, password: str | None,
+                 creates: RateLimiter, reconcile: Reconcile | None = None, workers: int = 8):
+        self.client, self.settings, self._password = client, settings, password
+        self.creates, self.reconcile, self.workers = creates, reconcile, workers
         self.authorization_lost: str | None = None
 
     def apply(self, changes: Sequence[Change], progress: Callable[[Outcome], None] | None = None) -> list[Outcome]:
@@ -1738,9 +1885,6 @@ class Applier:
 
     def apply_one(self, change: Change) -> Outcome:
         """Apply one change; every failure becomes the change's outcome."""
-        from google.auth.exceptions import RefreshError
-        from googleapiclient.errors import HttpError
-
         if self.authorization_lost is not None:
             return Outcome(change, "failed: not attempted, Google authorization was lost")
         try:
@@ -1752,83 +1896,77 @@ class Applier:
             return Outcome(change, "applied")
         except _Failed as failure:
             return failure.outcome
-        except HttpError as exc:
-            return Outcome(change, f"failed: {describe_http_error(exc)}")
-        except RefreshError as exc:
+        except Exception as exc:  # one student's failure must not stop the others' outcomes
+            return self._failure(change, exc)
+
+    def _failure(self, change: Change, exc: Exception, notices: tuple[Notice, ...] = ()) -> Outcome:
+        """The outcome of a change whose call raised `exc`."""
+        from google.auth.exceptions import RefreshError
+
+        if isinstance(exc, _http_error_class()):
+            return Outcome(change, f"failed: {describe_http_error(exc)}", notices=notices)
+        if isinstance(exc, RefreshError):
             # Nothing after this can succeed: stop the others too.
             self.authorization_lost = _describe_refresh_error(exc, self.settings)
-            return Outcome(change, "failed: Google authorization was lost")
-        except Exception as exc:  # one student's failure must not stop the others' outcomes
-            if _is_network_error(exc):
-                return Outcome(change, f"failed: connection error ({type(exc).__name__})")
-            log.debug("unexpected error applying %s", change.email, exc_info=True)
-            return Outcome(change, f"failed: unexpected {type(exc).__name__} (details in the log)")
+            return Outcome(change, "failed: Google authorization was lost", notices=notices)
+        if _is_network_error(exc):
+            return Outcome(change, f"failed: connection error ({type(exc).__name__})", notices=notices)
+        log.debug("unexpected error applying %s", change.email, exc_info=True)
+        return Outcome(change, f"failed: unexpected {type(exc).__name__} (details in the log)", notices=notices)
 
     def _update(self, email: str, body: Mapping[str, Any]) -> None:
         request = self.client.resource("users").update(userKey=email, body=dict(body), fields="primaryEmail")
-        self.policy.call(functools.partial(self.client.execute, request))
+        self.client.call(request)
 
     def _create(self, change: Change) -> Outcome:
-        from googleapiclient.errors import HttpError
-
         users = self.client.resource("users")
-        insert = users.insert(body=dict(change.after, password=self._password), fields="primaryEmail")
-        tries = 0
-
-        def send() -> Any:
-            nonlocal tries
-            tries += 1
-            return self.client.execute(insert)
-
+        insert = _CountedRequest(users.insert(body=dict(change.after, password=self._password),
+                                              fields="primaryEmail"))
         try:
-            self.policy.call(send, limiters=(self.creates,))
+            self.client.call(insert, limiters=(self.creates,))
             return Outcome(change, "applied")
-        except HttpError as exc:
+        except _http_error_class() as exc:
             if _http_error_parts(exc)[0] != 409:
                 raise
         # 409: the address exists after all.  After a failed try it is our own account
         # whose answer was lost; on the first try it was there before this run.  Either
         # way, read it and bring it in step by rule 2.
-        ours = tries > 1
+        ours = insert.sends > 1
         made: tuple[Change, ...] = (change,) if ours else ()
         note = "created (the first answer was lost)" if ours else "account already existed"
         get = users.get(userKey=change.email, projection="custom",
                         customFieldMask=self.settings.custom_schema.category, fields=_USER_FIELDS)
         account = account_from_resource(self._read_new_account(get), self.settings.custom_schema.category)
-        notices: list[Notice] = []
-        decision = self.decisions.get(_key(change.email))
-        if decision is None:
+        if self.reconcile is None:
             # A reviewed plan: no PowerSchool decision to fall back on, only the plan.
             if holds_values(account, {k: v for k, v in change.after.items() if k != "primaryEmail"}):
                 return Outcome(change, "applied", note=f"{note}, as planned", made=made)
             return Outcome(change, "stale: the account exists now, unlike when the plan was made", made=())
-        follow_up = change_for(decision, account, self.settings, self.directory.org_units, notices)
-        for notice in notices:
-            _log_notice(notice)
+        follow_up, notices = self.reconcile(change, account)
         if follow_up is None:
-            return Outcome(change, "applied", note=f"{note}, in step", made=made)
+            return Outcome(change, "applied", note=f"{note}, in step", made=made, notices=notices)
         if follow_up.action == "suspend":  # cannot happen for a should-be-active decision
-            return Outcome(change, "failed: account exists and would be suspended", made=made)
-        self._update(follow_up.email, follow_up.after)
-        return Outcome(change, "applied", note=f"{note}: {follow_up.describe()}", made=made + (follow_up,))
+            return Outcome(change, "failed: account exists and would be suspended", made=made, notices=notices)
+        try:
+            self._update(follow_up.email, follow_up.after)
+        except Exception as exc:  # the rules' notices still reach the log
+            return self._failure(change, exc, notices)
+        return Outcome(change, "applied", note=f"{note}: {follow_up.describe()}", made=made + (follow_up,),
+                       notices=notices)
 
     def _read_new_account(self, get: Any) -> Any:
         """Read an account that "already exists": Google may answer 404 for a few seconds
         after it was created."""
-        from googleapiclient.errors import HttpError
-
         for wait in (1.0, 2.0, 4.0, None):
             try:
-                return self.policy.call(functools.partial(self.client.execute, get))
-            except HttpError as exc:
+                return self.client.call(get)
+            except _http_error_class() as exc:
                 if _http_error_parts(exc)[0] != 404 or wait is None:
                     raise
-                self.policy.sleep(wait)
+                self.client.policy.sleep(wait)
         raise AssertionError("unreachable")
 
     def _suspend(self, change: Change) -> Outcome:
-        from googleapiclient.errors import HttpError
-
         removed: list[str] = []
         if change.remove_groups:
             # Groups go first: if a removal fails the account stays active, and the next
@@ -1837,9 +1975,9 @@ class Applier:
             for group in self._groups_of(change.email):
                 delete = members.delete(groupKey=group, memberKey=change.email)
                 try:
-                    self.policy.call(functools.partial(self.client.execute, delete))
+                    self.client.call(delete)
                     removed.append(group)
-                except HttpError as exc:
+                except _http_error_class() as exc:
                     if _http_error_parts(exc)[0] == 404:
                         continue  # already gone
                     return Outcome(change, f"failed: removing from group {group}: "
@@ -1857,15 +1995,18 @@ class Applier:
                                   prettyPrint=False)
         groups = []
         while request is not None:
-            answer = self.policy.call(functools.partial(self.client.execute, request))
+            answer = self.client.call(request)
             groups.extend(g["email"] for g in answer.get("groups", []) or [] if g.get("email"))
             request = groups_api.list_next(request, answer)
         return groups
 
 
 # =============================================================================
-# Review and undo: plan files, the journal, school counts
+# Run files
 # =============================================================================
+# What a run keeps in the logs folder: plan files for review, the journal that --undo
+# reads (and the changes that reverse it), the school counts of the last run, the lock that
+# keeps runs apart, and the run's log file.
 
 PLAN_FORMAT = "student_sync plan 1"
 
@@ -1888,8 +2029,6 @@ def _jsonable(value: Any) -> Any:
 
 def settings_fingerprint(settings: Settings) -> str:
     """A digest of the settings that decide what a change is (not logging, limits or auth)."""
-    import hashlib
-
     deciding = {
         "domain": settings.google.domain,
         "email_suffix": settings.google.email_suffix,
@@ -2056,31 +2195,6 @@ def undo_changes(entries: Sequence[Mapping[str, Any]], directory: Directory) -> 
     return changes, notices
 
 
-def active_counts(rows: Iterable[StudentRow], scope: Scope) -> dict[int, int]:
-    """Active students (ENROLL_STATUS 0 or -1) per school of the scope."""
-    students: dict[int, set[int]] = {n: set() for n in scope.school_numbers}
-    for row in rows:
-        number = _as_int(row.student_number)
-        if row.school is None or row.school.number not in students or number is None:
-            continue
-        if _as_int(row.enroll_status) in (0, -1):
-            students[row.school.number].add(number)
-    return {school: len(numbers) for school, numbers in students.items()}
-
-
-def school_drops(previous: Mapping[int, int], current: Mapping[int, int], percent: float) -> list[str]:
-    """Schools that had at least 20 active students and lost more than `percent` of them."""
-    drops = []
-    for school, now in sorted(current.items()):
-        before = previous.get(school)
-        if before is None or before < 20:
-            continue
-        if now == 0 or now < before * (1 - percent / 100):
-            lost = 100 * (before - now) / before
-            drops.append(f"school {school}: {before} -> {now} active students (-{lost:.0f}%)")
-    return drops
-
-
 def load_school_counts(path: Path) -> dict[int, int]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -2102,57 +2216,76 @@ def save_school_counts(path: Path, counts: Mapping[int, int], settings_path: Pat
     path.write_text(json.dumps(document, indent=1) + "\n", encoding="utf-8")
 
 
-def unowned_accounts(directory: Directory, numbers: set[int], settings: Settings) -> list[Account]:
-    """Accounts under the student OU prefix whose address is none of these student numbers'."""
-    prefix = settings.ous.student_prefix.lower()
-    suffix = settings.google.email_suffix
-    found = []
-    for key, account in sorted(directory.accounts.items()):
-        if not (account.org_unit.lower() + "/").startswith(prefix):
-            continue
-        local, _, domain = key.partition("@")
-        # Only the exact address a student number gives: 01002@ is not student 1002's.
-        number = int(local) if "@" + domain == suffix and local.isdigit() and str(int(local)) == local else None
-        if number is None or number not in numbers:
-            found.append(account)
-    return found
+class RunLock:
+    """One run at a time per logs folder.
 
+    An operating-system lock on a file: the system releases it when the holder ends, so
+    a run that crashed or was killed never blocks the next night's run.
+    """
 
-# =============================================================================
-# Report
-# =============================================================================
+    _OFFSET = 1 << 20  # Windows locks byte ranges: lock one far from the holder's note
 
+    def __init__(self, path: Path):
+        self.path = path
+        self._file: Any = None
 
-class _ConsoleFormatter(logging.Formatter):
-    """Plain lines; warnings and errors say so, unless the line already does (`extra=PLAIN`)."""
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        stream = open(self.path, "a+", encoding="utf-8")
+        try:
+            self._lock(stream)
+        except OSError:
+            stream.seek(0)
+            holder = stream.read(500).strip() or "unknown"
+            stream.close()
+            raise StopRun(f"another student_sync run is in progress ({holder}; lock {self.path}); "
+                          "this run stops without changing anything") from None
+        stream.seek(0)
+        stream.truncate()
+        stream.write(f"pid {os.getpid()} on {socket.gethostname()}, started "
+                     f"{dt.datetime.now():%Y-%m-%d %H:%M:%S}")
+        stream.flush()
+        self._file = stream
 
-    def format(self, record: logging.LogRecord) -> str:
-        text = record.getMessage()
-        if record.levelno >= logging.WARNING and not getattr(record, "plain", False):
-            return f"{record.levelname}: {text}"
-        return text
+    def release(self) -> None:
+        if self._file is None:
+            return
+        try:
+            self._file.seek(0)
+            self._file.truncate()
+            self._unlock(self._file)
+        finally:
+            self._file.close()
+            self._file = None
 
+    def _lock(self, stream: Any) -> None:
+        if os.name == "nt":
+            import msvcrt
 
-PLAIN = {"plain": True}
+            stream.seek(self._OFFSET)
+            msvcrt.locking(stream.fileno(), msvcrt.LK_NBLCK, 1)
+        else:
+            import fcntl
 
+            fcntl.flock(stream.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
 
-def setup_logging(verbosity: int) -> logging.Handler:
-    """Console logging: -q warnings only, default info, -v debug."""
-    level = {-1: logging.WARNING, 0: logging.INFO}.get(verbosity, logging.DEBUG)
-    try:  # a console or a redirected file in a narrow code page must not lose a line over one name
-        sys.stdout.reconfigure(errors="backslashreplace")
-    except (AttributeError, ValueError):
-        pass
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(_ConsoleFormatter())
-    handler.setLevel(level)
-    for old in [h for h in log.handlers if getattr(h, "_student_sync", False)]:
-        log.removeHandler(old)
-    handler._student_sync = True  # type: ignore[attr-defined]
-    log.addHandler(handler)
-    log.setLevel(logging.DEBUG)
-    log.propagate = False
-    return handler
+    def _unlock(self, stream: Any) -> None:
+        if os.name == "nt":
+            import msvcrt
+
+            stream.seek(self._OFFSET)
+            msvcrt.locking(stream.fileno(), msvcrt.LK_UNLCK, 1)
+        else:
+            import fcntl
+
+            fcntl.flock(stream.fileno(), fcntl.LOCK_UN)
+
+    def __enter__(self) -> "RunLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
 
 
 def open_run_log(settings: Settings, now: dt.datetime) -> tuple[str, logging.Handler | None, Path | None]:
@@ -2191,6 +2324,45 @@ def open_run_log(settings: Settings, now: dt.datetime) -> tuple[str, logging.Han
         except OSError:
             pass
     return run_id, handler, path
+
+
+# =============================================================================
+# Report
+# =============================================================================
+# What people read: console lines, one log line per notice and outcome, the CSV report,
+# the end-of-run summary, the progress counter and the summary email.
+
+
+class _ConsoleFormatter(logging.Formatter):
+    """Plain lines; warnings and errors say so, unless the line already does (`extra=PLAIN`)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = record.getMessage()
+        if record.levelno >= logging.WARNING and not getattr(record, "plain", False):
+            return f"{record.levelname}: {text}"
+        return text
+
+
+PLAIN = {"plain": True}
+
+
+def setup_logging(verbosity: int) -> logging.Handler:
+    """Console logging: -q warnings only, default info, -v debug."""
+    level = {-1: logging.WARNING, 0: logging.INFO}.get(verbosity, logging.DEBUG)
+    try:  # a console or a redirected file in a narrow code page must not lose a line over one name
+        sys.stdout.reconfigure(errors="backslashreplace")
+    except (AttributeError, ValueError):
+        pass
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(_ConsoleFormatter())
+    handler.setLevel(level)
+    for old in [h for h in log.handlers if getattr(h, "_student_sync", False)]:
+        log.removeHandler(old)
+    handler._student_sync = True  # type: ignore[attr-defined]
+    log.addHandler(handler)
+    log.setLevel(logging.DEBUG)
+    log.propagate = False
+    return handler
 
 
 def _log_notice(notice: Notice) -> None:
@@ -2306,10 +2478,6 @@ class Progress:
             self.stream.flush()
 
 
-def _is_loopback(host: str) -> bool:
-    return host in ("localhost", "::1") or host.startswith("127.")
-
-
 def send_summary_email(settings: Settings, subject: str, body: str) -> None:
     """Send the run summary; a failure is logged and never changes the run's outcome."""
     import smtplib
@@ -2351,48 +2519,10 @@ def send_summary_email(settings: Settings, subject: str, body: str) -> None:
 
 
 # =============================================================================
-# Command line
+# Runs
 # =============================================================================
-
-
-def _parse_date(text: str) -> dt.date:
-    try:
-        return dt.date.fromisoformat(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a date like 2026-09-01") from None
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="student_sync.py",
-        description="Keep Google Workspace student accounts in step with PowerSchool.",
-        epilog="Exit codes: 0 in step, 1 some students failed, 2 usage/settings/connection/"
-               "authorization error, 3 stopped by a safety limit.",
-    )
-    scope = parser.add_mutually_exclusive_group()
-    scope.add_argument("--all", action="store_true", help="every building")
-    scope.add_argument("--state-reporting", action="store_true",
-                       help="buildings not excluded from state reporting")
-    scope.add_argument("--building", type=int, nargs="+", metavar="N", help="these building numbers")
-    parser.add_argument("--config", type=Path, default=SCRIPT_DIR / "student_sync.toml",
-                        metavar="FILE", help="settings file (default: student_sync.toml beside the script)")
-    parser.add_argument("--dry-run", action="store_true", help="print the plan and change nothing")
-    parser.add_argument("--report", type=Path, metavar="FILE", help="write every change and its outcome as CSV")
-    parser.add_argument("--as-of", type=_parse_date, metavar="YYYY-MM-DD",
-                        help="evaluate date rules (summer grace) as of this date")
-    parser.add_argument("--allow-mass-changes", action="store_true",
-                        help="let this one run go past the [safety] limits")
-    parser.add_argument("--plan-out", type=Path, metavar="FILE", help="write the plan as JSON for review")
-    mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--apply-plan", type=Path, metavar="FILE",
-                      help="apply a reviewed plan file: its changes only, where still current")
-    mode.add_argument("--undo", metavar="RUN_ID", help="reverse the changes of an earlier run")
-    mode.add_argument("--check", action="store_true", help="preflight checks; changes nothing")
-    mode.add_argument("--authorize", action="store_true",
-                      help="sign in to Google once in a browser and save the token")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more output")
-    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
-    return parser
+# One function per kind of run (sync, apply a reviewed plan, undo, check), each reading
+# top to bottom: read, plan, check safety, apply, report.
 
 
 def _scope_kind(args: argparse.Namespace) -> str | None:
@@ -2403,146 +2533,6 @@ def _scope_kind(args: argparse.Namespace) -> str | None:
     if args.building:
         return "building"
     return None
-
-
-def _usage_problem(args: argparse.Namespace) -> str | None:
-    """A combination of options that makes no sense, in words; None when fine."""
-    kind = _scope_kind(args)
-    if args.apply_plan or args.undo:
-        option = "--apply-plan" if args.apply_plan else "--undo"
-        if kind:
-            return f"{option} takes no scope: it applies exactly what it names"
-        if args.plan_out or args.as_of:
-            return f"{option} cannot be combined with --plan-out or --as-of"
-        return None
-    if args.check or args.authorize:
-        return None
-    if kind is None:
-        return "choose a scope: --all, --state-reporting or --building N [N ...]"
-    return None
-
-
-def _new_account_password(settings: Settings, changes: Sequence[Change], dry_run: bool) -> str | None:
-    """The new-account password, checked when the run would create accounts."""
-    creates = sum(c.action == "create" for c in changes)
-    if not creates:
-        return None
-    variable = settings.accounts.new_password_env
-    problem = _password_problem(variable)
-    if problem:
-        if dry_run:
-            log.warning("%s: a real run would stop here", problem)
-            return None
-        raise StopRun(f"{problem}; accounts to create: {creates}")
-    return os.environ[variable]
-
-
-def _password_problem(variable: str) -> str | None:
-    password = os.environ.get(variable, "")
-    if not password:
-        return f"environment variable {variable} (the new-account password) is not set"
-    if len(password) < 8:
-        return f"the new-account password in {variable} is shorter than 8 characters"
-    if len(password) > 100:
-        return f"the new-account password in {variable} is longer than 100 characters"
-    return None
-
-
-def _safety_problems(plan_: Plan, row_count: int, active: Mapping[int, int], scope: Scope,
-                     settings: Settings, previous_counts: Mapping[int, int]) -> list[str]:
-    """Why this run must not go ahead without --allow-mass-changes; empty when it may."""
-    if not row_count and scope.school_numbers:
-        return [f"PowerSchool returned no students for {scope.describe()} "
-                f"({len(scope.school_numbers)} school(s)): stopping rather than suspending everyone; "
-                "check the database"]
-    problems = []
-    drops = school_drops(previous_counts, active, settings.safety.max_school_drop_percent)
-    if drops:
-        problems.append(f"active students dropped by more than [safety] max_school_drop_percent = "
-                        f"{settings.safety.max_school_drop_percent:g}% since the last run: " + "; ".join(drops))
-    suspensions = plan_.suspensions()
-    limit = settings.safety.max_suspensions
-    if len(suspensions) > limit:
-        by_school: Counter[str] = Counter()
-        for change in suspensions:
-            decision = plan_.decisions.get(change.email.lower())
-            by_school[str(decision.school_number) if decision else "?"] += 1
-        where = ", ".join(f"school {s}: {n}" for s, n in sorted(by_school.items()))
-        problems.append(f"this run would suspend {len(suspensions)} accounts, more than "
-                        f"[safety] max_suspensions = {limit} ({where})")
-    return problems
-
-
-class RunLock:
-    """One run at a time per logs folder.
-
-    An operating-system lock on a file: the system releases it when the holder ends, so
-    a run that crashed or was killed never blocks the next night's run.
-    """
-
-    _OFFSET = 1 << 20  # Windows locks byte ranges: lock one far from the holder's note
-
-    def __init__(self, path: Path):
-        self.path = path
-        self._file: Any = None
-
-    def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        stream = open(self.path, "a+", encoding="utf-8")
-        try:
-            self._lock(stream)
-        except OSError:
-            stream.seek(0)
-            holder = stream.read(500).strip() or "unknown"
-            stream.close()
-            raise StopRun(f"another student_sync run is in progress ({holder}; lock {self.path}); "
-                          "this run stops without changing anything") from None
-        stream.seek(0)
-        stream.truncate()
-        stream.write(f"pid {os.getpid()} on {socket.gethostname()}, started "
-                     f"{dt.datetime.now():%Y-%m-%d %H:%M:%S}")
-        stream.flush()
-        self._file = stream
-
-    def release(self) -> None:
-        if self._file is None:
-            return
-        try:
-            self._file.seek(0)
-            self._file.truncate()
-            self._unlock(self._file)
-        finally:
-            self._file.close()
-            self._file = None
-
-    def _lock(self, stream: Any) -> None:
-        if os.name == "nt":
-            import msvcrt
-
-            stream.seek(self._OFFSET)
-            msvcrt.locking(stream.fileno(), msvcrt.LK_NBLCK, 1)
-        else:
-            import fcntl
-
-            fcntl.flock(stream.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-
-    def _unlock(self, stream: Any) -> None:
-        if os.name == "nt":
-            import msvcrt
-
-            stream.seek(self._OFFSET)
-            msvcrt.locking(stream.fileno(), msvcrt.LK_UNLCK, 1)
-        else:
-            import fcntl
-
-            fcntl.flock(stream.fileno(), fcntl.LOCK_UN)
-
-    def __enter__(self) -> "RunLock":
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.release()
 
 
 @dataclass
@@ -2599,32 +2589,26 @@ def _read_powerschool(run: Run, kind: str,
     return scope, rows
 
 
-def _is_db_error(exc: BaseException) -> bool:
-    return isinstance(exc, sqlite3.Error) or type(exc).__module__.startswith("oracledb")
+def _connect_google(run: Run) -> tuple[DirectoryClient, Directory]:
+    client = _google_client(run)
+    return client, _read_directory(run, client)
 
 
-def _connect_google(run: Run) -> tuple[DirectoryClient, RetryPolicy, Directory]:
-    client, policy = _google_client(run)
-    return client, policy, _read_directory(run, client, policy)
-
-
-def _google_client(run: Run) -> tuple[DirectoryClient, RetryPolicy]:
-    """An authorized client (or a stop with what to do) and the run's retry policy."""
+def _google_client(run: Run) -> DirectoryClient:
+    """An authorized client with the run's rate limit (or a stop with what to do)."""
     settings = run.settings
-    client = DirectoryClient(settings, google_credentials(settings))
-    return client, RetryPolicy(limiter=RateLimiter(settings.google.max_requests_per_second))
+    policy = RetryPolicy(limiter=RateLimiter(settings.google.max_requests_per_second))
+    return DirectoryClient(settings, google_credentials(settings), policy)
 
 
-def _read_directory(run: Run, client: DirectoryClient, policy: RetryPolicy,
-                    cancel: threading.Event | None = None) -> Directory:
+def _read_directory(run: Run, client: DirectoryClient, cancel: threading.Event | None = None) -> Directory:
     from google.auth.exceptions import RefreshError
-    from googleapiclient.errors import HttpError
 
     settings = run.settings
     progress = Progress("reading Google accounts")
     try:
-        directory = read_directory(client, settings, policy, cancel, progress.step)
-    except HttpError as exc:
+        directory = read_directory(client, settings, cancel, progress.step)
+    except _http_error_class() as exc:
         raise GoogleError(f"Google: cannot read the directory of {settings.google.domain}: "
                           f"{describe_http_error(exc)}") from None
     except RefreshError as exc:
@@ -2641,29 +2625,68 @@ def _read_directory(run: Run, client: DirectoryClient, policy: RetryPolicy,
     return directory
 
 
-def _apply(run: Run, kind: str, client: DirectoryClient, policy: RetryPolicy, directory: Directory,
-           changes: Sequence[Change], decisions: Mapping[str, Decision], password: str | None) -> list[Outcome]:
-    """Apply changes, journalling each outcome as it arrives."""
+def _new_account_password(settings: Settings, changes: Sequence[Change], dry_run: bool) -> str | None:
+    """The new-account password, checked when the run would create accounts."""
+    creates = sum(c.action == "create" for c in changes)
+    if not creates:
+        return None
+    variable = settings.accounts.new_password_env
+    problem = _password_problem(variable)
+    if problem:
+        if dry_run:
+            log.warning("%s: a real run would stop here", problem)
+            return None
+        raise StopRun(f"{problem}; accounts to create: {creates}")
+    return os.environ[variable]
+
+
+def _password_problem(variable: str) -> str | None:
+    password = os.environ.get(variable, "")
+    if not password:
+        return f"environment variable {variable} (the new-account password) is not set"
+    if len(password) < 8:
+        return f"the new-account password in {variable} is shorter than 8 characters"
+    if len(password) > 100:
+        return f"the new-account password in {variable} is longer than 100 characters"
+    return None
+
+
+def _reconciler(decisions: Mapping[str, Decision], directory: Directory, settings: Settings) -> Reconcile:
+    """Rule 2 for a create that met an existing account: bring that account in step."""
+
+    def reconcile(change: Change, account: Account) -> tuple[Change | None, tuple[Notice, ...]]:
+        notices: list[Notice] = []
+        follow_up = change_for(decisions[_key(change.email)], account, settings, directory.org_units, notices)
+        return follow_up, tuple(notices)
+
+    return reconcile
+
+
+def _apply(run: Run, kind: str, client: DirectoryClient, changes: Sequence[Change], password: str | None,
+           reconcile: Reconcile | None = None) -> list[Outcome]:
+    """Apply changes, logging and journalling each outcome as it arrives."""
     if not changes:
         return []
     journal = Journal(run.logs, run.run_id, kind)
-    applier = Applier(client, run.settings, directory, decisions, password, policy,
-                      RateLimiter(run.settings.google.max_creates_per_second))
+    applier = Applier(client, run.settings, password, RateLimiter(run.settings.google.max_creates_per_second),
+                      reconcile)
     progress = Progress("applying", len(changes))
-
-    journal_broken: list[str] = []
+    journal_error: str | None = None
 
     def arrived(outcome: Outcome) -> None:
+        nonlocal journal_error
         progress.step()
+        for notice in outcome.notices:
+            _log_notice(notice)
         _log_outcome(outcome)
-        if journal_broken:
+        if journal_error is not None:
             return
         try:
             journal.record(outcome)
         except OSError as exc:  # the changes go on; the undo of this run will be partial
-            journal_broken.append(str(exc.strerror or exc))
+            journal_error = str(exc.strerror or exc)
             log.error("cannot write the journal %s (%s): this run cannot be fully undone",
-                      journal.path, journal_broken[0])
+                      journal.path, journal_error)
 
     try:
         outcomes = applier.apply(changes, progress=arrived)
@@ -2716,11 +2739,11 @@ def run_sync(run: Run) -> int:
         started: list[Any] = []
 
         def read_google(scope: Scope) -> None:
-            client, policy = _google_client(run)
+            client = _google_client(run)
             # Loading and building the client is CPU work: done here, before the listing's
             # waiting starts, it does not compete with the PowerSchool rows for the interpreter.
             client.resource("users")
-            started.append((client, policy, pool.submit(_read_directory, run, client, policy, cancel)))
+            started.append((client, pool.submit(_read_directory, run, client, cancel)))
 
         try:
             scope, rows = _read_powerschool(run, _scope_kind(args), read_google)
@@ -2729,12 +2752,12 @@ def run_sync(run: Run) -> int:
             row_count = len(rows)
             numbers = {n for n in (_as_int(r.student_number) for r in rows) if n is not None}
             del rows  # the largest district's rows are not needed past this point
-            client, policy, reading = started[0]
+            client, reading = started[0]
             directory = reading.result()
         except BaseException:
             cancel.set()  # do not wait for a listing nobody will use
             raise
-    directory = confirm_org_units(client, policy, directory, {d.target_ou for d in decisions.by_email.values()})
+    directory = confirm_org_units(client, directory, {d.target_ou for d in decisions.by_email.values()})
     plan_ = plan_changes(decisions, directory, settings)
     del decisions
     for notice in plan_.notices:
@@ -2769,7 +2792,8 @@ def run_sync(run: Run) -> int:
     if args.dry_run:
         outcomes = _preview(plan_.changes)
     else:
-        outcomes = _apply(run, "sync", client, policy, directory, plan_.changes, plan_.decisions, password)
+        outcomes = _apply(run, "sync", client, plan_.changes, password,
+                          _reconciler(plan_.decisions, directory, settings))
         save_school_counts(run.counts_path, active, settings.path)
     return _finish(run, outcomes, plan_.notices, plan_.unchanged, args.dry_run, unowned)
 
@@ -2779,7 +2803,7 @@ def run_apply_plan(run: Run) -> int:
     document, changes = read_plan_file(run.args.apply_plan, run.settings)
     log.info("plan %s: %d changes, made %s for %s", run.args.apply_plan, len(changes),
              document.get("created"), (document.get("scope") or {}).get("kind"))
-    client, policy, directory = _connect_google(run)
+    client, directory = _connect_google(run)
     current, stale = [], []
     for change in changes:
         account = directory.accounts.get(change.email.lower())
@@ -2795,7 +2819,7 @@ def run_apply_plan(run: Run) -> int:
     if dry_run:
         outcomes = _preview(current)
     else:
-        outcomes = _apply(run, "apply-plan", client, policy, directory, current, {}, password)
+        outcomes = _apply(run, "apply-plan", client, current, password)
         try:
             active = {int(k): int(v) for k, v in (document.get("active_students") or {}).items()}
         except (AttributeError, TypeError, ValueError):
@@ -2816,20 +2840,18 @@ def run_undo(run: Run) -> int:
     """Reverse an earlier run from its journal."""
     entries = read_journal(run.logs, run.args.undo)
     log.info("undo of run %s: %d journal entries", run.args.undo, len(entries))
-    client, policy, directory = _connect_google(run)
+    client, directory = _connect_google(run)
     changes, notices = undo_changes(entries, directory)
     for notice in notices:
         _log_notice(notice)
     if run.args.dry_run:
         return _finish(run, _preview(changes), notices, 0, dry_run=True)
-    outcomes = _apply(run, "undo", client, policy, directory, changes, {}, None)
+    outcomes = _apply(run, "undo", client, changes, None)
     return _finish(run, outcomes, notices, 0)
 
 
 def run_check(run: Run) -> int:
     """Preflight: one line per check, OK or FAIL with what to do.  Changes nothing."""
-    from googleapiclient.errors import HttpError
-
     settings = run.settings
     results: list[bool] = []
 
@@ -2855,7 +2877,7 @@ def run_check(run: Run) -> int:
 
     directory = None
     try:
-        client, policy, directory = _connect_google(run)
+        client, directory = _connect_google(run)
         report(True, f"Google authorized {_who(settings)}; {len(directory.accounts)} accounts in "
                f"{settings.google.domain}")
     except StopRun as exc:
@@ -2869,14 +2891,14 @@ def run_check(run: Run) -> int:
             schools = {r.school for r in rows if r.school is not None and r.school.number in scope.school_numbers}
             needed |= {building_ou(school, settings)
                        for school in schools if school.abbreviation and counts.get(school.number)}
-        directory = confirm_org_units(client, policy, directory, needed)
+        directory = confirm_org_units(client, directory, needed)
         missing = sorted(ou for ou in needed if ou.lower() not in directory.org_units)
         report(not missing, f"all {len(needed)} OUs the rules target exist" if not missing else
                f"{len(missing)} OUs the rules target are missing in Google (create them in the Admin "
                f"console, or fix [ous]): " + ", ".join(missing))
         try:
-            report(*_check_schema(client, policy, settings))
-        except HttpError as exc:
+            report(*_check_schema(client, settings))
+        except _http_error_class() as exc:
             report(False, f"custom attributes could not be read: {describe_http_error(exc)} (does the "
                    "authorization include the userschema.readonly scope?)")
     problem = _password_problem(settings.accounts.new_password_env)
@@ -2898,18 +2920,16 @@ def _simple(name: str) -> str:
     return re.sub(r"[^0-9a-z]", "", name.lower())
 
 
-def _check_schema(client: DirectoryClient, policy: RetryPolicy, settings: Settings) -> tuple[bool, str]:
+def _check_schema(client: DirectoryClient, settings: Settings) -> tuple[bool, str]:
     """Does the custom attribute category hold both fields, with these names?"""
-    from googleapiclient.errors import HttpError
-
     cs = settings.custom_schema
     schemas = client.resource("schemas")
     try:
-        schema = policy.call(lambda: client.execute(schemas.get(customerId="my_customer", schemaKey=cs.category)))
-    except HttpError as exc:
+        schema = client.call(schemas.get(customerId="my_customer", schemaKey=cs.category))
+    except _http_error_class() as exc:
         if _http_error_parts(exc)[0] != 404:
             raise
-        listing = policy.call(lambda: client.execute(schemas.list(customerId="my_customer")))
+        listing = client.call(schemas.list(customerId="my_customer"))
         names = [s.get("schemaName", "") for s in listing.get("schemas", []) or []]
         close = [n for n in names if _simple(n) == _simple(cs.category)]
         hint = (f"; the domain has {', '.join(close)}: set [custom_schema] category to that" if close else
@@ -2926,6 +2946,70 @@ def _check_schema(client: DirectoryClient, policy: RetryPolicy, settings: Settin
         return False, f"custom attribute category {cs.category}: " + "; ".join(problems) + \
             f" (its fields: {', '.join(fields) or 'none'})"
     return True, f"custom attribute category {cs.category} has {cs.school_field} and {cs.grad_year_field}"
+
+
+# =============================================================================
+# Command line
+# =============================================================================
+# Options, their combinations, and `main`, which turns every way a run can end into an
+# exit code.
+
+
+def _parse_date(text: str) -> dt.date:
+    try:
+        return dt.date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a date like 2026-09-01") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="student_sync.py",
+        description="Keep Google Workspace student accounts in step with PowerSchool.",
+        epilog="Exit codes: 0 in step, 1 some students failed, 2 usage/settings/connection/"
+               "authorization error, 3 stopped by a safety limit.",
+    )
+    scope = parser.add_mutually_exclusive_group()
+    scope.add_argument("--all", action="store_true", help="every building")
+    scope.add_argument("--state-reporting", action="store_true",
+                       help="buildings not excluded from state reporting")
+    scope.add_argument("--building", type=int, nargs="+", metavar="N", help="these building numbers")
+    parser.add_argument("--config", type=Path, default=SCRIPT_DIR / "student_sync.toml",
+                        metavar="FILE", help="settings file (default: student_sync.toml beside the script)")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan and change nothing")
+    parser.add_argument("--report", type=Path, metavar="FILE", help="write every change and its outcome as CSV")
+    parser.add_argument("--as-of", type=_parse_date, metavar="YYYY-MM-DD",
+                        help="evaluate date rules (summer grace) as of this date")
+    parser.add_argument("--allow-mass-changes", action="store_true",
+                        help="let this one run go past the [safety] limits")
+    parser.add_argument("--plan-out", type=Path, metavar="FILE", help="write the plan as JSON for review")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--apply-plan", type=Path, metavar="FILE",
+                      help="apply a reviewed plan file: its changes only, where still current")
+    mode.add_argument("--undo", metavar="RUN_ID", help="reverse the changes of an earlier run")
+    mode.add_argument("--check", action="store_true", help="preflight checks; changes nothing")
+    mode.add_argument("--authorize", action="store_true",
+                      help="sign in to Google once in a browser and save the token")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more output")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    return parser
+
+
+def _usage_problem(args: argparse.Namespace) -> str | None:
+    """A combination of options that makes no sense, in words; None when fine."""
+    kind = _scope_kind(args)
+    if args.apply_plan or args.undo:
+        option = "--apply-plan" if args.apply_plan else "--undo"
+        if kind:
+            return f"{option} takes no scope: it applies exactly what it names"
+        if args.plan_out or args.as_of:
+            return f"{option} cannot be combined with --plan-out or --as-of"
+        return None
+    if args.check or args.authorize:
+        return None
+    if kind is None:
+        return "choose a scope: --all, --state-reporting or --building N [N ...]"
+    return None
 
 
 def _run_authorize(settings: Settings) -> int:

@@ -55,7 +55,7 @@ class Client:
     def resource(self, name):
         return self.users
 
-    def execute(self, request):
+    def call(self, request, *, limiters=()):
         with self._lock:
             self.calls += 1
             if self.calls > 500:
@@ -77,7 +77,7 @@ class Client:
 
 
 def read(client: Client) -> dict:
-    return student_sync.read_accounts(client, SETTINGS, student_sync.RetryPolicy(sleep=lambda s: None))
+    return student_sync.read_accounts(client, SETTINGS)
 
 
 def addresses(*locals_: str) -> list[str]:

@@ -431,7 +431,7 @@ def test_an_ou_missing_from_the_ou_list_is_asked_for_before_a_student_is_failed(
     client = student_sync.DirectoryClient(settings)
     listed = student_sync.Directory(accounts={}, org_units={"/": "/"})
 
-    confirmed = student_sync.confirm_org_units(client, student_sync.RetryPolicy(), listed,
+    confirmed = student_sync.confirm_org_units(client, listed,
                                                [WHS_10.upper(), "/No Such OU"])
 
     assert confirmed.org_units[WHS_10.lower()] == WHS_10
