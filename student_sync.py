@@ -50,6 +50,7 @@ import time
 import tomllib
 from collections import Counter
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -1296,14 +1297,28 @@ def read_directory(client: DirectoryClient, settings: Settings,
 # student, and a decision and an account become at most one change.  No I/O, no clock, no
 # environment: the plan is a value that can be printed, counted, checked and saved.
 
-ERROR, WARNING, SKIP = "error", "warning", "skip"
+class Level(StrEnum):
+    """How much a notice matters: an error fails the student, a skip leaves them out."""
+
+    ERROR = "error"
+    WARNING = "warning"
+    SKIP = "skip"
+
+
+class Action(StrEnum):
+    """The one write call a change makes: users.insert, or users.update (a suspension
+    first removes the account from its groups)."""
+
+    CREATE = "create"
+    UPDATE = "update"
+    SUSPEND = "suspend"
 
 
 @dataclass(frozen=True, slots=True)
 class Notice:
     """A per-student message: an error (the student failed), a warning, or a skip."""
 
-    level: str
+    level: Level
     student_number: str
     email: str
     message: str
@@ -1328,14 +1343,14 @@ class Decision:
 class Change:
     """One account's change, exactly as apply will send it.
 
-    `action` is "create", "update" or "suspend"; `before` holds the account's current
+    `before` holds the account's current
     values of the fields in `after`, which is the body of the one write call (for a
     create, without the password).  `labels` name the kinds of change for people.
     """
 
     student_number: int
     email: str
-    action: str
+    action: Action
     labels: tuple[str, ...]
     before: Mapping[str, Any]
     after: Mapping[str, Any]
@@ -1343,7 +1358,7 @@ class Change:
 
     def describe(self) -> str:
         parts = []
-        if self.action == "create":
+        if self.action == Action.CREATE:
             name = self.after["name"]
             parts.append(f"create {name['givenName']} {name['familyName']} in {self.after['orgUnitPath']}")
         for label in self.labels:
@@ -1375,7 +1390,7 @@ class Plan:
 
     def failed_students(self) -> int:
         """How many students have a bad-data error."""
-        return len({(n.student_number, n.email) for n in self.notices if n.level == ERROR})
+        return len({(n.student_number, n.email) for n in self.notices if n.level == Level.ERROR})
 
     def suspensions(self) -> list[Change]:
         """Changes that take an account from active to suspended."""
@@ -1483,14 +1498,14 @@ def decide(rows: Sequence[StudentRow], settings: Settings, today: dt.date,
     email = email_for(student_number, settings)
     number_text = str(student_number)
 
-    def notice(level: str, message: str) -> None:
+    def notice(level: Level, message: str) -> None:
         notices.append(Notice(level, number_text, email, message))
 
     bad_names = settings.accounts.bad_names
     kept = [r for r in rows if _clean_spaces(r.first_name).lower() not in bad_names
             and _clean_spaces(r.last_name).lower() not in bad_names]
     if not kept:
-        notice(SKIP, "skipped: test or placeholder name "
+        notice(Level.SKIP, "skipped: test or placeholder name "
                      f"({_clean_spaces(rows[0].first_name)} {_clean_spaces(rows[0].last_name)})")
         return None
     weighed = []
@@ -1498,26 +1513,26 @@ def decide(rows: Sequence[StudentRow], settings: Settings, today: dt.date,
         try:
             weighed.append((_row_status(row, settings, today), row))
         except ValueError as exc:
-            notice(ERROR, f"bad PowerSchool data: {exc}; nothing changed for this student")
+            notice(Level.ERROR, f"bad PowerSchool data: {exc}; nothing changed for this student")
             return None
     if len(kept) > 1:
         schools = ", ".join(str(w["school_number"]) for w, _ in weighed)
-        notice(WARNING, f"{len(kept)} PowerSchool rows for this student (schools {schools}); "
+        notice(Level.WARNING, f"{len(kept)} PowerSchool rows for this student (schools {schools}); "
                         "an active row wins, then the lowest school number")
     status, row = min(weighed, key=lambda pair: (not pair[0]["should_be_active"], pair[0]["school_number"]))
     try:
         target_ou = _target_ou(row, status, settings)
     except ValueError as exc:
-        notice(ERROR, f"bad PowerSchool data: {exc}; nothing changed for this student")
+        notice(Level.ERROR, f"bad PowerSchool data: {exc}; nothing changed for this student")
         return None
     schema = settings.custom_schema
     attributes = {schema.school_field: str(status["school_number"])}
     if status["class_of"] is not None:
         attributes[schema.grad_year_field] = str(status["class_of"])
     elif row.class_of is None:
-        notice(WARNING, "CLASSOF is empty in PowerSchool: graduation year left out")
+        notice(Level.WARNING, "CLASSOF is empty in PowerSchool: graduation year left out")
     else:
-        notice(WARNING, f"CLASSOF {row.class_of!r} is not a year: graduation year left out")
+        notice(Level.WARNING, f"CLASSOF {row.class_of!r} is not a year: graduation year left out")
     return Decision(
         student_number=student_number, email=email,
         first_name=sys.intern(normalize_name(row.first_name)),
@@ -1541,7 +1556,7 @@ def change_for(decision: Decision, account: Account | None, settings: Settings,
     """What one account needs to match its decision (rules 1-5 of SPEC section 3)."""
     number_text = str(decision.student_number)
 
-    def notice(level: str, message: str) -> None:
+    def notice(level: Level, message: str) -> None:
         notices.append(Notice(level, number_text, decision.email, message))
 
     target_ou = org_units.get(decision.target_ou.lower())
@@ -1553,10 +1568,10 @@ def change_for(decision: Decision, account: Account | None, settings: Settings,
         problems = [p for p in (_name_problem(decision.first_name, "first name"),
                                 _name_problem(decision.last_name, "last name")) if p]
         if problems:
-            notice(ERROR, f"cannot create the account: {' and '.join(problems)} in PowerSchool")
+            notice(Level.ERROR, f"cannot create the account: {' and '.join(problems)} in PowerSchool")
             return None
         if target_ou is None:
-            notice(ERROR, f"cannot create the account: OU {decision.target_ou} does not exist in Google")
+            notice(Level.ERROR, f"cannot create the account: OU {decision.target_ou} does not exist in Google")
             return None
         after = {
             "primaryEmail": decision.email,
@@ -1565,7 +1580,7 @@ def change_for(decision: Decision, account: Account | None, settings: Settings,
             "orgUnitPath": target_ou,
             "customSchemas": {category: dict(decision.attributes)},
         }
-        return Change(decision.student_number, decision.email, "create", ("create",), {}, after)
+        return Change(decision.student_number, decision.email, Action.CREATE, ("create",), {}, after)
 
     before: dict[str, Any] = {}
     after: dict[str, Any] = {}
@@ -1580,12 +1595,12 @@ def change_for(decision: Decision, account: Account | None, settings: Settings,
             before["suspended"], after["suspended"] = False, True
         if ou_differs:
             if target_ou is None:
-                notice(ERROR, f"not suspended: OU {decision.target_ou} does not exist in Google")
+                notice(Level.ERROR, f"not suspended: OU {decision.target_ou} does not exist in Google")
                 return None
             labels.append("move")
             before["orgUnitPath"], after["orgUnitPath"] = account.org_unit, target_ou
         remove_groups = not account.suspended and settings.accounts.remove_groups_on_suspend
-        return Change(decision.student_number, account.email, "suspend", tuple(labels),
+        return Change(decision.student_number, account.email, Action.SUSPEND, tuple(labels),
                       before, after, remove_groups=remove_groups)
 
     if account.suspended:
@@ -1593,9 +1608,9 @@ def change_for(decision: Decision, account: Account | None, settings: Settings,
         before["suspended"], after["suspended"] = True, False
     if ou_differs:
         if is_frozen(account.org_unit, settings.ous.frozen):
-            notice(WARNING, f"left in frozen OU {account.org_unit} (would move to {decision.target_ou})")
+            notice(Level.WARNING, f"left in frozen OU {account.org_unit} (would move to {decision.target_ou})")
         elif target_ou is None:
-            notice(ERROR, f"not changed: OU {decision.target_ou} does not exist in Google")
+            notice(Level.ERROR, f"not changed: OU {decision.target_ou} does not exist in Google")
             return None
         else:
             labels.append("move")
@@ -1606,7 +1621,7 @@ def change_for(decision: Decision, account: Account | None, settings: Settings,
                                  ("last name", family, account.family_name)):
         problem = _name_problem(name, which)
         if problem and name.casefold() != current.casefold():
-            notice(WARNING, f"{which} kept as {current!r} in Google: {problem} in PowerSchool")
+            notice(Level.WARNING, f"{which} kept as {current!r} in Google: {problem} in PowerSchool")
     if _name_problem(given, "first name"):
         given = account.given_name
     if _name_problem(family, "last name"):
@@ -1622,7 +1637,7 @@ def change_for(decision: Decision, account: Account | None, settings: Settings,
         after["customSchemas"] = {category: dict(decision.attributes)}
     if not labels:
         return None
-    return Change(decision.student_number, account.email, "update", tuple(labels), before, after)
+    return Change(decision.student_number, account.email, Action.UPDATE, tuple(labels), before, after)
 
 
 def holds_values(account: Account | None, values: Mapping[str, Any]) -> bool:
@@ -1673,7 +1688,7 @@ def decide_all(rows: Iterable[StudentRow], settings: Settings, today: dt.date, s
         if number is None or number <= 0:
             if in_scope:
                 who = f"{_clean_spaces(row.first_name)} {_clean_spaces(row.last_name)}".strip() or "(no name)"
-                notices.append(Notice(ERROR, _clean_spaces(row.student_number) or "(none)", "",
+                notices.append(Notice(Level.ERROR, _clean_spaces(row.student_number) or "(none)", "",
                                       f"bad PowerSchool data: STUDENT_NUMBER {row.student_number!r} "
                                       f"for {who} at school {row.school.number}; nothing changed"))
             continue
@@ -1706,7 +1721,7 @@ def plan_changes(decisions: Decisions, directory: Directory, settings: Settings)
         notices.extend(own)
         if change is not None:
             changes.append(change)
-        elif not any(n.level == ERROR for n in own):
+        elif not any(n.level == Level.ERROR for n in own):
             unchanged += 1
     return Plan(changes=tuple(changes), notices=tuple(notices),
                 decisions=decisions.by_email, unchanged=unchanged)
@@ -1799,12 +1814,23 @@ def _safety_problems(plan_: Plan, row_count: int, active: Mapping[int, int], sco
 # nothing (a create that meets an existing account asks the runner's `reconcile`).
 
 
+class Status(StrEnum):
+    """What became of a change."""
+
+    APPLIED = "applied"
+    FAILED = "failed"
+    STALE = "stale"                # the account changed since the plan: skipped
+    PLANNED = "planned"            # a dry run's
+    NOT_APPLIED = "not applied"    # stopped by a safety limit
+
+
 @dataclass
 class Outcome:
-    """What became of one change: "applied", "failed: <reason>", "stale: <reason>" or "planned"."""
+    """What became of one change: its status and, unless applied or planned, why."""
 
     change: Change
-    result: str
+    status: Status
+    detail: str = ""
     groups_removed: tuple[str, ...] = ()
     note: str = ""
     # What was really sent when it differs from `change` (a create that met 409 and was
@@ -1814,8 +1840,13 @@ class Outcome:
     notices: tuple[Notice, ...] = ()
 
     @property
+    def result(self) -> str:
+        """The outcome as the log, the report and the journal write it: `failed: <detail>`."""
+        return f"{self.status}: {self.detail}" if self.detail else str(self.status)
+
+    @property
     def ok(self) -> bool:
-        return self.result == "applied"
+        return self.status == Status.APPLIED
 
     @property
     def sent(self) -> tuple[Change, ...]:
@@ -1823,12 +1854,12 @@ class Outcome:
 
     @property
     def failed(self) -> bool:
-        return self.result.startswith("failed")
+        return self.status == Status.FAILED
 
 
 def failed_students(notices: Iterable[Notice], outcomes: Iterable[Outcome] = ()) -> set[tuple[str, str]]:
     """(student number, email) of every student with a bad-data error or a failed change."""
-    failed = {(n.student_number, n.email) for n in notices if n.level == ERROR}
+    failed = {(n.student_number, n.email) for n in notices if n.level == Level.ERROR}
     return failed | {(str(o.change.student_number), o.change.email) for o in outcomes if o.failed}
 
 
@@ -1886,14 +1917,14 @@ class Applier:
     def apply_one(self, change: Change) -> Outcome:
         """Apply one change; every failure becomes the change's outcome."""
         if self.authorization_lost is not None:
-            return Outcome(change, "failed: not attempted, Google authorization was lost")
+            return Outcome(change, Status.FAILED, "not attempted, Google authorization was lost")
         try:
-            if change.action == "create":
+            if change.action == Action.CREATE:
                 return self._create(change)
-            if change.action == "suspend":
+            if change.action == Action.SUSPEND:
                 return self._suspend(change)
             self._update(change.email, change.after)
-            return Outcome(change, "applied")
+            return Outcome(change, Status.APPLIED)
         except _Failed as failure:
             return failure.outcome
         except Exception as exc:  # one student's failure must not stop the others' outcomes
@@ -1904,15 +1935,15 @@ class Applier:
         from google.auth.exceptions import RefreshError
 
         if isinstance(exc, _http_error_class()):
-            return Outcome(change, f"failed: {describe_http_error(exc)}", notices=notices)
+            return Outcome(change, Status.FAILED, f"{describe_http_error(exc)}", notices=notices)
         if isinstance(exc, RefreshError):
             # Nothing after this can succeed: stop the others too.
             self.authorization_lost = _describe_refresh_error(exc, self.settings)
-            return Outcome(change, "failed: Google authorization was lost", notices=notices)
+            return Outcome(change, Status.FAILED, "Google authorization was lost", notices=notices)
         if _is_network_error(exc):
-            return Outcome(change, f"failed: connection error ({type(exc).__name__})", notices=notices)
+            return Outcome(change, Status.FAILED, f"connection error ({type(exc).__name__})", notices=notices)
         log.debug("unexpected error applying %s", change.email, exc_info=True)
-        return Outcome(change, f"failed: unexpected {type(exc).__name__} (details in the log)", notices=notices)
+        return Outcome(change, Status.FAILED, f"unexpected {type(exc).__name__} (details in the log)", notices=notices)
 
     def _update(self, email: str, body: Mapping[str, Any]) -> None:
         request = self.client.resource("users").update(userKey=email, body=dict(body), fields="primaryEmail")
@@ -1924,7 +1955,7 @@ class Applier:
                                               fields="primaryEmail"))
         try:
             self.client.call(insert, limiters=(self.creates,))
-            return Outcome(change, "applied")
+            return Outcome(change, Status.APPLIED)
         except _http_error_class() as exc:
             if _http_error_parts(exc)[0] != 409:
                 raise
@@ -1940,18 +1971,18 @@ class Applier:
         if self.reconcile is None:
             # A reviewed plan: no PowerSchool decision to fall back on, only the plan.
             if holds_values(account, {k: v for k, v in change.after.items() if k != "primaryEmail"}):
-                return Outcome(change, "applied", note=f"{note}, as planned", made=made)
-            return Outcome(change, "stale: the account exists now, unlike when the plan was made", made=())
+                return Outcome(change, Status.APPLIED, note=f"{note}, as planned", made=made)
+            return Outcome(change, Status.STALE, "the account exists now, unlike when the plan was made", made=())
         follow_up, notices = self.reconcile(change, account)
         if follow_up is None:
-            return Outcome(change, "applied", note=f"{note}, in step", made=made, notices=notices)
-        if follow_up.action == "suspend":  # cannot happen for a should-be-active decision
-            return Outcome(change, "failed: account exists and would be suspended", made=made, notices=notices)
+            return Outcome(change, Status.APPLIED, note=f"{note}, in step", made=made, notices=notices)
+        if follow_up.action == Action.SUSPEND:  # cannot happen for a should-be-active decision
+            return Outcome(change, Status.FAILED, "account exists and would be suspended", made=made, notices=notices)
         try:
             self._update(follow_up.email, follow_up.after)
         except Exception as exc:  # the rules' notices still reach the log
             return self._failure(change, exc, notices)
-        return Outcome(change, "applied", note=f"{note}: {follow_up.describe()}", made=made + (follow_up,),
+        return Outcome(change, Status.APPLIED, note=f"{note}: {follow_up.describe()}", made=made + (follow_up,),
                        notices=notices)
 
     def _read_new_account(self, get: Any) -> Any:
@@ -1980,14 +2011,14 @@ class Applier:
                 except _http_error_class() as exc:
                     if _http_error_parts(exc)[0] == 404:
                         continue  # already gone
-                    return Outcome(change, f"failed: removing from group {group}: "
-                                           f"{describe_http_error(exc)}; not suspended", tuple(removed))
+                    return Outcome(change, Status.FAILED, f"removing from group {group}: "
+                                           f"{describe_http_error(exc)}; not suspended", groups_removed=tuple(removed))
         try:
             self._update(change.email, change.after)
         except Exception as exc:  # keep the groups already removed in the outcome
-            raise _Failed(Outcome(change, f"failed: suspending after group removal: "
-                                          f"{_describe_any(exc)}", tuple(removed))) from exc
-        return Outcome(change, "applied", tuple(removed))
+            raise _Failed(Outcome(change, Status.FAILED, f"suspending after group removal: "
+                                          f"{_describe_any(exc)}", groups_removed=tuple(removed))) from exc
+        return Outcome(change, Status.APPLIED, groups_removed=tuple(removed))
 
     def _groups_of(self, email: str) -> list[str]:
         groups_api = self.client.resource("groups")
@@ -2052,12 +2083,12 @@ def change_to_json(change: Change) -> dict[str, Any]:
 def change_from_json(entry: Mapping[str, Any]) -> Change:
     """A Change from a plan file or journal entry; KeyError/TypeError/ValueError when malformed."""
     action = entry["action"]
-    if action not in ("create", "update", "suspend"):
+    if action not in tuple(Action):
         raise ValueError(f"unknown action {action!r}")
     if not isinstance(entry["before"], dict) or not isinstance(entry["after"], dict):
         raise ValueError("before and after must be objects")
     return Change(
-        student_number=int(entry["student_number"]), email=str(entry["email"]), action=action,
+        student_number=int(entry["student_number"]), email=str(entry["email"]), action=Action(action),
         labels=tuple(str(label) for label in entry["labels"]), before=entry["before"],
         after=entry["after"], remove_groups=bool(entry.get("remove_groups", False)),
     )
@@ -2162,35 +2193,35 @@ def undo_changes(entries: Sequence[Mapping[str, Any]], directory: Directory) -> 
     changes: list[Change] = []
     notices: list[Notice] = []
     for entry in reversed(entries):
-        if entry.get("result") != "applied":
+        if entry.get("result") != Status.APPLIED:
             continue
         try:
             done = change_from_json(entry)
         except (KeyError, TypeError, ValueError) as exc:
-            notices.append(Notice(ERROR, str(entry.get("student_number", "?")), str(entry.get("email", "")),
+            notices.append(Notice(Level.ERROR, str(entry.get("student_number", "?")), str(entry.get("email", "")),
                                   f"journal entry cannot be read: {exc}"))
             continue
         number, email = str(done.student_number), done.email
         account = directory.accounts.get(email.lower())
         if account is None:
-            notices.append(Notice(WARNING, number, email, "not undone: the account no longer exists"))
+            notices.append(Notice(Level.WARNING, number, email, "not undone: the account no longer exists"))
             continue
         after = {k: v for k, v in done.after.items() if k not in ("primaryEmail", "changePasswordAtNextLogin")}
-        if done.action == "create":
+        if done.action == Action.CREATE:
             after["suspended"] = False  # a created account is open; suspended since means changed since
         if not holds_values(account, after):
-            notices.append(Notice(WARNING, number, email, "not undone: the account was changed since that run"))
+            notices.append(Notice(Level.WARNING, number, email, "not undone: the account was changed since that run"))
             continue
-        if done.action == "create":
-            changes.append(Change(done.student_number, account.email, "suspend", ("suspend",),
+        if done.action == Action.CREATE:
+            changes.append(Change(done.student_number, account.email, Action.SUSPEND, ("suspend",),
                                   {"suspended": False}, {"suspended": True}))
             continue
         labels = tuple(_OPPOSITE.get(label, label) for label in done.labels)
-        action = "suspend" if "suspend" in labels else "update"
+        action = Action.SUSPEND if "suspend" in labels else Action.UPDATE
         changes.append(Change(done.student_number, account.email, action, labels,
                               dict(done.after), dict(done.before)))
         if entry.get("groups_removed"):
-            notices.append(Notice(WARNING, number, email, "was removed from groups "
+            notices.append(Notice(Level.WARNING, number, email, "was removed from groups "
                                   + ", ".join(entry["groups_removed"]) + " by that run: not re-added"))
     return changes, notices
 
@@ -2367,7 +2398,7 @@ def setup_logging(verbosity: int) -> logging.Handler:
 
 def _log_notice(notice: Notice) -> None:
     who = notice.student_number + (f" ({notice.email})" if notice.email else "")
-    level = {ERROR: logging.ERROR, WARNING: logging.WARNING}.get(notice.level, logging.INFO)
+    level = {Level.ERROR: logging.ERROR, Level.WARNING: logging.WARNING}.get(notice.level, logging.INFO)
     log.log(level, "student %s: %s", who, notice.message)
 
 
@@ -2405,7 +2436,7 @@ def write_report(path: Path, outcomes: Sequence[Outcome], notices: Sequence[Noti
             writer.writerow([change.student_number, change.email, "+".join(change.labels),
                              _outcome_detail(outcome), outcome.result])
         for notice in notices:
-            result = "failed: " + notice.message if notice.level == ERROR else notice.level
+            result = "failed: " + notice.message if notice.level == Level.ERROR else notice.level
             writer.writerow([notice.student_number, notice.email, notice.level, notice.message, result])
         for account in unowned:
             writer.writerow(["", account.email, "unowned",
@@ -2445,12 +2476,12 @@ def summarize(outcomes: Sequence[Outcome], notices: Sequence[Notice], unchanged:
               dry_run: bool, seconds: float, unowned: int = 0) -> Summary:
     counts: Counter[str] = Counter()
     for outcome in outcomes:
-        if outcome.ok or (dry_run and outcome.result == "planned"):
+        if outcome.ok or (dry_run and outcome.status == Status.PLANNED):
             counts.update(outcome.change.labels)
             counts["group removals"] += len(outcome.groups_removed)
     levels = Counter(n.level for n in notices)
-    return Summary(counts=counts, unchanged=unchanged, skipped=levels[SKIP], warnings=levels[WARNING],
-                   failures=len(failed_students(notices, outcomes)), stale=sum(o.result.startswith("stale") for o in outcomes),
+    return Summary(counts=counts, unchanged=unchanged, skipped=levels[Level.SKIP], warnings=levels[Level.WARNING],
+                   failures=len(failed_students(notices, outcomes)), stale=sum(o.status == Status.STALE for o in outcomes),
                    seconds=seconds, dry_run=dry_run, unowned=unowned)
 
 
@@ -2627,7 +2658,7 @@ def _read_directory(run: Run, client: DirectoryClient, cancel: threading.Event |
 
 def _new_account_password(settings: Settings, changes: Sequence[Change], dry_run: bool) -> str | None:
     """The new-account password, checked when the run would create accounts."""
-    creates = sum(c.action == "create" for c in changes)
+    creates = sum(c.action == Action.CREATE for c in changes)
     if not creates:
         return None
     variable = settings.accounts.new_password_env
@@ -2722,7 +2753,7 @@ def _finish(run: Run, outcomes: Sequence[Outcome], notices: Sequence[Notice], un
         if outcome.failed:
             run.lines.append(f"student {outcome.change.student_number} ({outcome.change.email}): {outcome.result}")
     for notice in notices:
-        if notice.level == ERROR:
+        if notice.level == Level.ERROR:
             run.lines.append(f"student {notice.student_number} ({notice.email}): {notice.message}")
     log.info("%s", run.summary.text())
     return EXIT_FAILURES if run.summary.failures else EXIT_OK
@@ -2778,7 +2809,7 @@ def run_sync(run: Run) -> int:
         write_plan_file(saved, plan_, scope=scope, today=today, settings=settings, run_id=run.run_id,
                         active=active)
         if args.report:
-            stopped = [Outcome(c, "not applied: safety stop") for c in plan_.changes]
+            stopped = [Outcome(c, Status.NOT_APPLIED, "safety stop") for c in plan_.changes]
             _write_report_or_say(args.report, stopped, plan_.notices, unowned)
         raise SafetyStop(
             "safety stop, nothing was changed: " + "; ".join(problems) + f". The plan is in {saved} "
@@ -2807,11 +2838,11 @@ def run_apply_plan(run: Run) -> int:
     current, stale = [], []
     for change in changes:
         account = directory.accounts.get(change.email.lower())
-        still_current = account is None if change.action == "create" else holds_values(account, change.before)
+        still_current = account is None if change.action == Action.CREATE else holds_values(account, change.before)
         if still_current:
             current.append(change)
         else:
-            stale.append(Outcome(change, "stale: the account changed since the plan was made; skipped"))
+            stale.append(Outcome(change, Status.STALE, "the account changed since the plan was made; skipped"))
     for outcome in stale:
         _log_outcome(outcome)
     dry_run = run.args.dry_run
@@ -2833,7 +2864,7 @@ def _preview(changes: Sequence[Change]) -> list[Outcome]:
     """A dry run's outcomes: every change printed, none sent."""
     for change in changes:
         log.info("would %s: %s (%s)", "+".join(change.labels), change.email, change.describe())
-    return [Outcome(c, "planned") for c in changes]
+    return [Outcome(c, Status.PLANNED) for c in changes]
 
 
 def run_undo(run: Run) -> int:

@@ -178,21 +178,21 @@ def test_bad_name_skips_the_student_and_changes_nothing(first, last):
     out_of_step = account(suspended=True, ou=SUSPENDED, given="Someone", attributes={})
     plan = run_plan([row(first=first, last=last)], [out_of_step])
     assert_nothing_changes(plan)
-    only_notice(plan, ss.SKIP)
+    only_notice(plan, ss.Level.SKIP)
     assert plan.failed_students() == 0
 
 
 def test_bad_name_without_an_account_creates_nothing():
     plan = run_plan([row(first="Test", last="Student")])
     assert_nothing_changes(plan)
-    only_notice(plan, ss.SKIP)
+    only_notice(plan, ss.Level.SKIP)
 
 
 def test_bad_name_compares_with_spaces_collapsed_and_case_ignored():
     settings = make_settings(accounts={"bad_names": ["Test  Student"]})
     plan = run_plan([row(first="TEST   STUDENT ", last="Lee")], settings=settings)
     assert_nothing_changes(plan)
-    only_notice(plan, ss.SKIP)
+    only_notice(plan, ss.Level.SKIP)
 
 
 # ---------------------------------------------------------------------------
@@ -286,7 +286,7 @@ def test_no_summer_grace_without_classof():
     google = account(ou=WHS_12TH, attributes=attrs(101, None))
     plan = run_plan([row(status=3, class_of=None, grade=12)], [google], today=JULY)
     assert only_change(plan).after == {"suspended": True, "orgUnitPath": GRADUATED}
-    only_notice(plan, ss.WARNING)
+    only_notice(plan, ss.Level.WARNING)
 
 
 def test_summer_grace_never_creates_an_account():
@@ -477,7 +477,7 @@ def test_frozen_ou_is_matched_by_whole_path_segments(org_unit, frozen):
 def test_account_in_frozen_ou_is_not_moved_and_a_warning_names_it(frozen_ou):
     plan = run_plan([row()], [account(ou=frozen_ou)])
     assert_nothing_changes(plan)
-    warning = only_notice(plan, ss.WARNING)
+    warning = only_notice(plan, ss.Level.WARNING)
     assert frozen_ou in warning.message
     assert plan.failed_students() == 0
 
@@ -488,7 +488,7 @@ def test_account_in_frozen_ou_still_gets_its_other_changes():
     change = only_change(plan)
     assert set(change.labels) == {"unsuspend", "rename", "attributes"}
     assert "orgUnitPath" not in change.after
-    only_notice(plan, ss.WARNING)
+    only_notice(plan, ss.Level.WARNING)
 
 
 def test_ou_that_only_starts_like_a_frozen_one_is_not_frozen():
@@ -573,7 +573,7 @@ def test_rule5_matching_account_is_counted_unchanged(student, google):
 def test_null_student_number_is_an_error_naming_the_student():
     plan = run_plan([row(number=None)])
     assert_nothing_changes(plan)
-    error = only_notice(plan, ss.ERROR, number="(none)")
+    error = only_notice(plan, ss.Level.ERROR, number="(none)")
     assert "Ann Lee" in error.message
     assert "STUDENT_NUMBER" in error.message
     assert plan.failed_students() == 1
@@ -582,7 +582,7 @@ def test_null_student_number_is_an_error_naming_the_student():
 def test_non_numeric_student_number_is_an_error():
     plan = run_plan([row(number="12A45")])
     assert_nothing_changes(plan)
-    error = only_notice(plan, ss.ERROR, number="12A45")
+    error = only_notice(plan, ss.Level.ERROR, number="12A45")
     assert "STUDENT_NUMBER" in error.message
 
 
@@ -591,7 +591,7 @@ def test_bad_enroll_status_is_an_error_and_nothing_changes(status):
     out_of_step = account(ou=LMS_8TH, given="Annie")
     plan = run_plan([row(status=status)], [out_of_step])
     assert_nothing_changes(plan)
-    error = only_notice(plan, ss.ERROR)
+    error = only_notice(plan, ss.Level.ERROR)
     assert "ENROLL_STATUS" in error.message
     assert plan.failed_students() == 1
 
@@ -600,7 +600,7 @@ def test_bad_enroll_status_in_another_schools_row_is_an_error():
     rows = [row(school=WHS), row(school=LMS, grade=8, status=None)]
     plan = run_plan(rows, [account(ou=LMS_8TH)], scope=ONLY_WHS)
     assert_nothing_changes(plan)
-    assert "ENROLL_STATUS" in only_notice(plan, ss.ERROR).message
+    assert "ENROLL_STATUS" in only_notice(plan, ss.Level.ERROR).message
 
 
 @pytest.mark.parametrize("school_id", [None, "WHS"], ids=["NULL", "text"])
@@ -608,7 +608,7 @@ def test_bad_schoolid_in_any_row_is_an_error(school_id):
     rows = [row(school=WHS), row(school=None, school_id=school_id)]
     plan = run_plan(rows, [account(ou=LMS_8TH)])
     assert_nothing_changes(plan)
-    assert "SCHOOLID" in only_notice(plan, ss.ERROR).message
+    assert "SCHOOLID" in only_notice(plan, ss.Level.ERROR).message
 
 
 @pytest.mark.parametrize("first, last", [("", "Lee"), ("   ", "Lee"), (None, "Lee"), ("Ann", ""),
@@ -616,7 +616,7 @@ def test_bad_schoolid_in_any_row_is_an_error(school_id):
 def test_bad_name_for_a_new_account_is_an_error(first, last):
     plan = run_plan([row(first=first, last=last)])
     assert_nothing_changes(plan)
-    only_notice(plan, ss.ERROR)
+    only_notice(plan, ss.Level.ERROR)
     assert plan.failed_students() == 1
 
 
@@ -629,7 +629,7 @@ def test_sixty_character_name_is_accepted_for_a_new_account():
 def test_active_student_with_unmapped_grade_is_an_error(grade):
     plan = run_plan([row(grade=grade)], [account(ou=LMS_8TH)])
     assert_nothing_changes(plan)
-    assert "grade" in only_notice(plan, ss.ERROR).message
+    assert "grade" in only_notice(plan, ss.Level.ERROR).message
 
 
 @pytest.mark.parametrize("status, ou", [(2, SUSPENDED), (3, GRADUATED)], ids=["withdrawn", "graduated"])
@@ -642,20 +642,20 @@ def test_unmapped_grade_is_fine_for_a_student_to_suspend(status, ou):
 def test_missing_target_ou_stops_a_create():
     plan = run_plan([row()], without_ous=[WHS_9TH])
     assert_nothing_changes(plan)
-    assert WHS_9TH in only_notice(plan, ss.ERROR).message
+    assert WHS_9TH in only_notice(plan, ss.Level.ERROR).message
 
 
 def test_missing_target_ou_stops_the_whole_update():
     plan = run_plan([row()], [account(ou=LMS_8TH, given="Annie")], without_ous=[WHS_9TH])
     assert_nothing_changes(plan)
-    assert WHS_9TH in only_notice(plan, ss.ERROR).message
+    assert WHS_9TH in only_notice(plan, ss.Level.ERROR).message
     assert plan.failed_students() == 1
 
 
 def test_missing_suspended_ou_stops_a_suspension():
     plan = run_plan([row(status=2)], [account()], without_ous=[SUSPENDED])
     assert_nothing_changes(plan)
-    assert SUSPENDED in only_notice(plan, ss.ERROR).message
+    assert SUSPENDED in only_notice(plan, ss.Level.ERROR).message
 
 
 def test_missing_target_ou_does_not_matter_when_nothing_sends_it():
@@ -667,7 +667,7 @@ def test_missing_target_ou_does_not_matter_when_nothing_sends_it():
 def test_missing_target_ou_does_not_matter_for_an_account_left_in_a_frozen_ou():
     plan = run_plan([row()], [account(ou=RESTRICTED, given="Annie")], without_ous=[WHS_9TH])
     assert only_change(plan).labels == ("rename",)
-    only_notice(plan, ss.WARNING)
+    only_notice(plan, ss.Level.WARNING)
     assert plan.failed_students() == 0
 
 
@@ -701,7 +701,7 @@ def test_duplicate_rows_active_row_beats_suspended_one():
     change = only_change(plan)
     assert change.action == "update"
     assert change.after == {"orgUnitPath": LMS_8TH}
-    only_notice(plan, ss.WARNING)
+    only_notice(plan, ss.Level.WARNING)
     assert plan.failed_students() == 0
 
 
@@ -709,7 +709,7 @@ def test_duplicate_rows_tie_goes_to_the_lowest_school_number():
     rows = [row(school=LMS, grade=8), row(school=WHS, grade=9)]
     plan = run_plan(rows, [account(ou=LMS_8TH)])
     assert only_change(plan).after == {"orgUnitPath": WHS_9TH}
-    only_notice(plan, ss.WARNING)
+    only_notice(plan, ss.Level.WARNING)
 
 
 def test_duplicate_rows_bad_name_rows_are_dropped_first():
@@ -724,7 +724,7 @@ def test_duplicate_rows_with_differently_written_student_numbers_are_one_student
     rows = [row(number=12345, school=LMS, grade=8), row(number="12345", school=WHS), row(number=12345.0, status=2)]
     plan = run_plan(rows)
     assert only_change(plan).after["orgUnitPath"] == WHS_9TH
-    only_notice(plan, ss.WARNING)
+    only_notice(plan, ss.Level.WARNING)
 
 
 def test_scoped_run_never_suspends_a_student_active_elsewhere():
@@ -751,14 +751,14 @@ def test_student_with_no_row_in_scope_is_not_touched():
 def test_null_classof_leaves_grad_year_out_of_a_new_account_with_a_warning():
     plan = run_plan([row(class_of=None)])
     assert only_change(plan).after["customSchemas"] == {CATEGORY: {SCHOOL_FIELD: "101"}}
-    only_notice(plan, ss.WARNING)
+    only_notice(plan, ss.Level.WARNING)
     assert plan.failed_students() == 0
 
 
 def test_null_classof_does_not_compare_the_grad_year():
     plan = run_plan([row(class_of=None)], [account(attributes=attrs(101, 2029))])
     assert_nothing_changes(plan)
-    only_notice(plan, ss.WARNING)
+    only_notice(plan, ss.Level.WARNING)
     assert plan.failed_students() == 0
 
 
@@ -768,7 +768,7 @@ def test_name_kept_in_google_with_a_warning_and_other_changes_still_go(first, la
     change = only_change(plan)
     assert change.labels == ("move",)
     assert "name" not in change.after
-    only_notice(plan, ss.WARNING)
+    only_notice(plan, ss.Level.WARNING)
     assert plan.failed_students() == 0
 
 
@@ -777,7 +777,7 @@ def test_a_bad_name_keeps_googles_and_the_other_name_is_still_renamed():
     change = only_change(plan)
     assert change.labels == ("rename",)
     assert change.after["name"] == {"givenName": "Ann", "familyName": "Leigh"}
-    assert "first name" in only_notice(plan, ss.WARNING).message
+    assert "first name" in only_notice(plan, ss.Level.WARNING).message
 
 
 # ---------------------------------------------------------------------------
