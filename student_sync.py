@@ -1445,7 +1445,19 @@ def _not_a_number(column: str, value: Any) -> str:
     return f"{column} {value!r} is not a whole number"
 
 
-def _row_status(row: StudentRow, settings: Settings, today: dt.date) -> dict[str, Any]:
+@dataclass(frozen=True, slots=True)
+class RowStatus:
+    """One PowerSchool row weighed by the definitions of SPEC section 3."""
+
+    enroll_status: int
+    school_number: int
+    class_of: int | None
+    graduated: bool
+    active: bool
+    should_be_active: bool   # active, or a graduate in summer grace
+
+
+def _row_status(row: StudentRow, settings: Settings, today: dt.date) -> RowStatus:
     """Weigh one row: graduated, active, should be active.  Raises ValueError on bad data."""
     status = _as_int(row.enroll_status)
     if status is None:
@@ -1461,8 +1473,8 @@ def _row_status(row: StudentRow, settings: Settings, today: dt.date) -> dict[str
     grace = (settings.accounts.graduated_active_summer and graduated and class_of is not None
              and class_of == today.year and today.month in (6, 7, 8))
     active = status in (0, -1) and not graduated
-    return {"status": status, "school_number": school_number, "graduated": graduated,
-            "active": active, "should_be_active": active or grace, "class_of": class_of}
+    return RowStatus(enroll_status=status, school_number=school_number, class_of=class_of,
+                     graduated=graduated, active=active, should_be_active=active or grace)
 
 
 def building_ou(school: School, settings: Settings) -> str:
@@ -1470,18 +1482,18 @@ def building_ou(school: School, settings: Settings) -> str:
     return f"{settings.ous.student_prefix}{school.abbreviation}{settings.ous.building_suffix}"
 
 
-def _target_ou(row: StudentRow, weighed: Mapping[str, Any], settings: Settings) -> str:
+def _target_ou(row: StudentRow, weighed: RowStatus, settings: Settings) -> str:
     """The OU of SPEC section 3's table.  Raises ValueError when it cannot be named."""
     ous = settings.ous
-    if weighed["graduated"]:
+    if weighed.graduated:
         return ous.graduated
-    if not weighed["active"]:
+    if not weighed.active:
         return ous.suspended
     school = row.school
     if school is None or not school.abbreviation:
-        raise ValueError(f"school {weighed['school_number']} has no ABBREVIATION for its building OU")
+        raise ValueError(f"school {weighed.school_number} has no ABBREVIATION for its building OU")
     building = building_ou(school, settings)
-    if weighed["status"] == -1 or weighed["school_number"] in settings.accounts.no_grade_ou_schools:
+    if weighed.enroll_status == -1 or weighed.school_number in settings.accounts.no_grade_ou_schools:
         return building
     grade = _as_int(row.grade_level)
     if grade is None:
@@ -1491,56 +1503,58 @@ def _target_ou(row: StudentRow, weighed: Mapping[str, Any], settings: Settings) 
     return building + ous.grades[grade]
 
 
-def decide(rows: Sequence[StudentRow], settings: Settings, today: dt.date,
-           notices: list[Notice]) -> Decision | None:
-    """The district-wide decision for the rows of one student number (SPEC section 3)."""
+def decide(rows: Sequence[StudentRow], settings: Settings,
+           today: dt.date) -> tuple[Decision | None, tuple[Notice, ...]]:
+    """The district-wide decision for the rows of one student number (SPEC section 3),
+    and what is worth saying about it."""
     student_number = _as_int(rows[0].student_number)
     email = email_for(student_number, settings)
-    number_text = str(student_number)
+    notices: list[Notice] = []
 
     def notice(level: Level, message: str) -> None:
-        notices.append(Notice(level, number_text, email, message))
+        notices.append(Notice(level, str(student_number), email, message))
 
     bad_names = settings.accounts.bad_names
     kept = [r for r in rows if _clean_spaces(r.first_name).lower() not in bad_names
             and _clean_spaces(r.last_name).lower() not in bad_names]
     if not kept:
         notice(Level.SKIP, "skipped: test or placeholder name "
-                     f"({_clean_spaces(rows[0].first_name)} {_clean_spaces(rows[0].last_name)})")
-        return None
+                           f"({_clean_spaces(rows[0].first_name)} {_clean_spaces(rows[0].last_name)})")
+        return None, tuple(notices)
     weighed = []
     for row in kept:
         try:
             weighed.append((_row_status(row, settings, today), row))
         except ValueError as exc:
             notice(Level.ERROR, f"bad PowerSchool data: {exc}; nothing changed for this student")
-            return None
+            return None, tuple(notices)
     if len(kept) > 1:
-        schools = ", ".join(str(w["school_number"]) for w, _ in weighed)
+        schools = ", ".join(str(w.school_number) for w, _ in weighed)
         notice(Level.WARNING, f"{len(kept)} PowerSchool rows for this student (schools {schools}); "
-                        "an active row wins, then the lowest school number")
-    status, row = min(weighed, key=lambda pair: (not pair[0]["should_be_active"], pair[0]["school_number"]))
+                              "an active row wins, then the lowest school number")
+    status, row = min(weighed, key=lambda pair: (not pair[0].should_be_active, pair[0].school_number))
     try:
         target_ou = _target_ou(row, status, settings)
     except ValueError as exc:
         notice(Level.ERROR, f"bad PowerSchool data: {exc}; nothing changed for this student")
-        return None
+        return None, tuple(notices)
     schema = settings.custom_schema
-    attributes = {schema.school_field: str(status["school_number"])}
-    if status["class_of"] is not None:
-        attributes[schema.grad_year_field] = str(status["class_of"])
+    attributes = {schema.school_field: str(status.school_number)}
+    if status.class_of is not None:
+        attributes[schema.grad_year_field] = str(status.class_of)
     elif row.class_of is None:
         notice(Level.WARNING, "CLASSOF is empty in PowerSchool: graduation year left out")
     else:
         notice(Level.WARNING, f"CLASSOF {row.class_of!r} is not a year: graduation year left out")
-    return Decision(
+    decision = Decision(
         student_number=student_number, email=email,
         first_name=sys.intern(normalize_name(row.first_name)),
         last_name=sys.intern(normalize_name(row.last_name)),
-        should_be_active=status["should_be_active"], graduated=status["graduated"],
+        should_be_active=status.should_be_active, graduated=status.graduated,
         target_ou=sys.intern(target_ou), attributes=shared_mapping(tuple(attributes.items())),
-        school_number=status["school_number"],
+        school_number=status.school_number,
     )
+    return decision, tuple(notices)
 
 
 def _name_problem(name: str, which: str) -> str | None:
@@ -1552,66 +1566,87 @@ def _name_problem(name: str, which: str) -> str | None:
 
 
 def change_for(decision: Decision, account: Account | None, settings: Settings,
-               org_units: Mapping[str, str], notices: list[Notice]) -> Change | None:
-    """What one account needs to match its decision (rules 1-5 of SPEC section 3)."""
-    number_text = str(decision.student_number)
-
-    def notice(level: Level, message: str) -> None:
-        notices.append(Notice(level, number_text, decision.email, message))
-
-    target_ou = org_units.get(decision.target_ou.lower())
-    category = settings.custom_schema.category
-
+               org_units: Mapping[str, str]) -> tuple[Change | None, tuple[Notice, ...]]:
+    """What one account needs to match its decision: rules 1-5 of SPEC section 3."""
     if account is None:
         if not decision.should_be_active or decision.graduated:
-            return None  # rule 4, and no account is ever created for a graduate
-        problems = [p for p in (_name_problem(decision.first_name, "first name"),
-                                _name_problem(decision.last_name, "last name")) if p]
-        if problems:
-            notice(Level.ERROR, f"cannot create the account: {' and '.join(problems)} in PowerSchool")
-            return None
-        if target_ou is None:
-            notice(Level.ERROR, f"cannot create the account: OU {decision.target_ou} does not exist in Google")
-            return None
-        after = {
-            "primaryEmail": decision.email,
-            "name": {"givenName": decision.first_name, "familyName": decision.last_name},
-            "changePasswordAtNextLogin": settings.accounts.change_password_at_next_login,
-            "orgUnitPath": target_ou,
-            "customSchemas": {category: dict(decision.attributes)},
-        }
-        return Change(decision.student_number, decision.email, Action.CREATE, ("create",), {}, after)
+            return None, ()  # rule 4, and no account is ever created for a graduate
+        return _create_change(decision, settings, org_units)  # rule 1
+    if decision.should_be_active:
+        return _update_change(decision, account, settings, org_units)  # rule 2
+    return _suspend_change(decision, account, settings, org_units)  # rule 3
 
+
+def _notice(decision: Decision, level: Level, message: str) -> Notice:
+    return Notice(level, str(decision.student_number), decision.email, message)
+
+
+def _create_change(decision: Decision, settings: Settings,
+                   org_units: Mapping[str, str]) -> tuple[Change | None, tuple[Notice, ...]]:
+    """Rule 1: should be active, no account, not graduated: create it in one insert."""
+    problems = [p for p in (_name_problem(decision.first_name, "first name"),
+                            _name_problem(decision.last_name, "last name")) if p]
+    if problems:
+        return None, (_notice(decision, Level.ERROR,
+                              f"cannot create the account: {' and '.join(problems)} in PowerSchool"),)
+    target_ou = org_units.get(decision.target_ou.lower())
+    if target_ou is None:
+        return None, (_notice(decision, Level.ERROR,
+                              f"cannot create the account: OU {decision.target_ou} does not exist in Google"),)
+    after = {
+        "primaryEmail": decision.email,
+        "name": {"givenName": decision.first_name, "familyName": decision.last_name},
+        "changePasswordAtNextLogin": settings.accounts.change_password_at_next_login,
+        "orgUnitPath": target_ou,
+        "customSchemas": {settings.custom_schema.category: dict(decision.attributes)},
+    }
+    return Change(decision.student_number, decision.email, Action.CREATE, ("create",), {}, after), ()
+
+
+def _suspend_change(decision: Decision, account: Account, settings: Settings,
+                    org_units: Mapping[str, str]) -> tuple[Change | None, tuple[Notice, ...]]:
+    """Rule 3: should be suspended, account exists: suspend it and move it to its target OU
+    (frozen OUs do not protect it); names and attributes are left alone."""
+    ou_differs = account.org_unit.lower() != decision.target_ou.lower()
+    if account.suspended and not ou_differs:
+        return None, ()  # rule 5
     before: dict[str, Any] = {}
     after: dict[str, Any] = {}
     labels: list[str] = []
-    ou_differs = account.org_unit.lower() != decision.target_ou.lower()
+    if not account.suspended:
+        labels.append("suspend")
+        before["suspended"], after["suspended"] = False, True
+    if ou_differs:
+        target_ou = org_units.get(decision.target_ou.lower())
+        if target_ou is None:
+            return None, (_notice(decision, Level.ERROR,
+                                  f"not suspended: OU {decision.target_ou} does not exist in Google"),)
+        labels.append("move")
+        before["orgUnitPath"], after["orgUnitPath"] = account.org_unit, target_ou
+    remove_groups = not account.suspended and settings.accounts.remove_groups_on_suspend
+    return Change(decision.student_number, account.email, Action.SUSPEND, tuple(labels),
+                  before, after, remove_groups=remove_groups), ()
 
-    if not decision.should_be_active:
-        if account.suspended and not ou_differs:
-            return None
-        if not account.suspended:
-            labels.append("suspend")
-            before["suspended"], after["suspended"] = False, True
-        if ou_differs:
-            if target_ou is None:
-                notice(Level.ERROR, f"not suspended: OU {decision.target_ou} does not exist in Google")
-                return None
-            labels.append("move")
-            before["orgUnitPath"], after["orgUnitPath"] = account.org_unit, target_ou
-        remove_groups = not account.suspended and settings.accounts.remove_groups_on_suspend
-        return Change(decision.student_number, account.email, Action.SUSPEND, tuple(labels),
-                      before, after, remove_groups=remove_groups)
 
+def _update_change(decision: Decision, account: Account, settings: Settings,
+                   org_units: Mapping[str, str]) -> tuple[Change | None, tuple[Notice, ...]]:
+    """Rule 2: should be active, account exists: one update that unsuspends, moves (unless
+    frozen), renames and sets the attributes, each only where it differs (rule 5)."""
+    notices: list[Notice] = []
+    before: dict[str, Any] = {}
+    after: dict[str, Any] = {}
+    labels: list[str] = []
     if account.suspended:
         labels.append("unsuspend")
         before["suspended"], after["suspended"] = True, False
-    if ou_differs:
+    if account.org_unit.lower() != decision.target_ou.lower():
+        target_ou = org_units.get(decision.target_ou.lower())
         if is_frozen(account.org_unit, settings.ous.frozen):
-            notice(Level.WARNING, f"left in frozen OU {account.org_unit} (would move to {decision.target_ou})")
+            notices.append(_notice(decision, Level.WARNING, f"left in frozen OU {account.org_unit} "
+                                                            f"(would move to {decision.target_ou})"))
         elif target_ou is None:
-            notice(Level.ERROR, f"not changed: OU {decision.target_ou} does not exist in Google")
-            return None
+            return None, (_notice(decision, Level.ERROR,
+                                  f"not changed: OU {decision.target_ou} does not exist in Google"),)
         else:
             labels.append("move")
             before["orgUnitPath"], after["orgUnitPath"] = account.org_unit, target_ou
@@ -1621,7 +1656,8 @@ def change_for(decision: Decision, account: Account | None, settings: Settings,
                                  ("last name", family, account.family_name)):
         problem = _name_problem(name, which)
         if problem and name.casefold() != current.casefold():
-            notice(Level.WARNING, f"{which} kept as {current!r} in Google: {problem} in PowerSchool")
+            notices.append(_notice(decision, Level.WARNING,
+                                   f"{which} kept as {current!r} in Google: {problem} in PowerSchool"))
     if _name_problem(given, "first name"):
         given = account.given_name
     if _name_problem(family, "last name"):
@@ -1632,12 +1668,13 @@ def change_for(decision: Decision, account: Account | None, settings: Settings,
         before["name"] = {"givenName": account.given_name, "familyName": account.family_name}
         after["name"] = {"givenName": given, "familyName": family}
     if any(account.attributes.get(k) != v for k, v in decision.attributes.items()):
+        category = settings.custom_schema.category
         labels.append("attributes")
         before["customSchemas"] = {category: {k: account.attributes.get(k) for k in decision.attributes}}
         after["customSchemas"] = {category: dict(decision.attributes)}
     if not labels:
-        return None
-    return Change(decision.student_number, account.email, Action.UPDATE, tuple(labels), before, after)
+        return None, tuple(notices)
+    return Change(decision.student_number, account.email, Action.UPDATE, tuple(labels), before, after), tuple(notices)
 
 
 def holds_values(account: Account | None, values: Mapping[str, Any]) -> bool:
@@ -1704,7 +1741,8 @@ def decide_all(rows: Iterable[StudentRow], settings: Settings, today: dt.date, s
         # Rows whose SCHOOLID names no school belong to no scope and are not weighed,
         # but a NULL or non-numeric SCHOOLID is bad data for the student.
         weighable = [r for r in student_rows if r.school is not None or _as_int(r.school_id) is None]
-        decision = decide(weighable, settings, today, notices)
+        decision, said = decide(weighable, settings, today)
+        notices.extend(said)
         if decision is not None:
             decisions[_key(decision.email)] = decision
     return Decisions(by_email=MappingProxyType(decisions), notices=tuple(notices))
@@ -1716,8 +1754,7 @@ def plan_changes(decisions: Decisions, directory: Directory, settings: Settings)
     changes: list[Change] = []
     unchanged = 0
     for key, decision in decisions.by_email.items():
-        own: list[Notice] = []
-        change = change_for(decision, directory.accounts.get(key), settings, directory.org_units, own)
+        change, own = change_for(decision, directory.accounts.get(key), settings, directory.org_units)
         notices.extend(own)
         if change is not None:
             changes.append(change)
@@ -2686,9 +2723,7 @@ def _reconciler(decisions: Mapping[str, Decision], directory: Directory, setting
     """Rule 2 for a create that met an existing account: bring that account in step."""
 
     def reconcile(change: Change, account: Account) -> tuple[Change | None, tuple[Notice, ...]]:
-        notices: list[Notice] = []
-        follow_up = change_for(decisions[_key(change.email)], account, settings, directory.org_units, notices)
-        return follow_up, tuple(notices)
+        return change_for(decisions[_key(change.email)], account, settings, directory.org_units)
 
     return reconcile
 
