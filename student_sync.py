@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import collections
 import concurrent.futures
+import contextlib
 import csv
 import dataclasses
 import datetime as dt
@@ -53,7 +54,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 from urllib.parse import urlsplit
 
 
@@ -1172,10 +1173,9 @@ class _TwoEndedListing:
     reads to the end on its own.
     """
 
-    def __init__(self, client: DirectoryClient, settings: Settings,
-                 cancel: threading.Event | None = None, pages: Callable[[int], None] | None = None):
-        self.client, self.settings = client, settings
-        self.cancel = cancel or threading.Event()
+    def __init__(self, client: DirectoryClient, settings: Settings, cancel: threading.Event,
+                 pages: Callable[[int], None] | None = None):
+        self.client, self.settings, self.cancel = client, settings, cancel
         self.pages = pages or (lambda count: None)
         self.category = settings.custom_schema.category
         self.accounts: dict[str, Account] = {}
@@ -1185,14 +1185,6 @@ class _TwoEndedListing:
         self._finished = False                 # one stream read to its end: all is seen
         self._unordered = False                # the server ignored the order: no meeting point
 
-    def read(self) -> dict[str, Account]:
-        with concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="list") as pool:
-            up = pool.submit(self._stream, "ASCENDING")
-            down = pool.submit(self._stream, "DESCENDING")
-            up.result()
-            down.result()
-        return self.accounts
-
     def _done(self, ascending: bool) -> bool:
         if self._finished or self.cancel.is_set():
             return True
@@ -1200,7 +1192,8 @@ class _TwoEndedListing:
             return not ascending
         return self._met_flag
 
-    def _stream(self, order: str) -> None:
+    def stream(self, order: str) -> None:
+        """Read pages in `order` ("ASCENDING" or "DESCENDING") until the streams meet."""
         users = self.client.resource("users")
         request = users.list(
             domain=self.settings.google.domain, maxResults=500, projection="custom",
@@ -1242,15 +1235,46 @@ class _TwoEndedListing:
                 previous = keys[-1]
 
 
-def read_accounts(client: DirectoryClient, settings: Settings,
-                  cancel: threading.Event | None = None,
-                  pages: Callable[[int], None] | None = None) -> dict[str, Account]:
-    """Every account of the domain, in pages of 500, keyed by lower-cased primary email.
+class DirectoryRead:
+    """The whole directory, read in the background on threads this object owns: the OU list
+    and both ends of the user listing at once, while the caller reads PowerSchool.
 
-    Setting `cancel` stops the listing after the pages in flight (the result is then
-    incomplete and must not be used); `pages` hears the size of each page read.
+    Use it as a `with` block: leaving the block waits for the threads, and leaving it on an
+    error first stops the listing after the pages in flight (its result is then unused).
     """
-    return _TwoEndedListing(client, settings, cancel, pages).read()
+
+    def __init__(self, client: DirectoryClient, settings: Settings,
+                 pages: Callable[[int], None] | None = None, *, with_org_units: bool = True):
+        self._cancel = threading.Event()
+        self._listing = _TwoEndedListing(client, settings, self._cancel, pages)
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=3, thread_name_prefix="directory")
+        self._streams = [self._pool.submit(self._listing.stream, order) for order in ("ASCENDING", "DESCENDING")]
+        self._org_units = self._pool.submit(read_org_units, client) if with_org_units else None
+
+    def accounts(self) -> dict[str, Account]:
+        """Every account of the domain keyed by lower-cased primary email, once read."""
+        for stream in self._streams:
+            stream.result()
+        return self._listing.accounts
+
+    def result(self) -> Directory:
+        """Accounts and OUs, once both are read; the first error propagates."""
+        accounts = self.accounts()
+        return Directory(accounts=accounts, org_units=self._org_units.result() if self._org_units else {"/": "/"})
+
+    def __enter__(self) -> DirectoryRead:
+        return self
+
+    def __exit__(self, kind: Any, error: Any, trace: Any) -> None:
+        if error is not None:
+            self._cancel.set()  # do not wait for a listing nobody will use
+        self._pool.shutdown(wait=True)
+
+
+def read_accounts(client: DirectoryClient, settings: Settings) -> dict[str, Account]:
+    """Every account of the domain, in pages of 500, keyed by lower-cased primary email."""
+    with DirectoryRead(client, settings, with_org_units=False) as reading:
+        return reading.accounts()
 
 
 def confirm_org_units(client: DirectoryClient, directory: Directory,
@@ -1278,16 +1302,6 @@ def confirm_org_units(client: DirectoryClient, directory: Directory,
         if found:
             units[found.lower()] = found
     return Directory(accounts=directory.accounts, org_units=units)
-
-
-def read_directory(client: DirectoryClient, settings: Settings,
-                   cancel: threading.Event | None = None,
-                   pages: Callable[[int], None] | None = None) -> Directory:
-    """Accounts and OUs, read at the same time."""
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="orgunits") as pool:
-        org_units = pool.submit(read_org_units, client)
-        accounts = read_accounts(client, settings, cancel, pages)
-        return Directory(accounts=accounts, org_units=org_units.result())
 
 
 # =============================================================================
@@ -1794,8 +1808,10 @@ def unowned_accounts(directory: Directory, numbers: set[int], settings: Settings
 # Pure, like the plan.
 
 
-def active_counts(rows: Iterable[StudentRow], scope: Scope) -> dict[int, int]:
-    """Active students (ENROLL_STATUS 0 or -1) per school of the scope."""
+def enrolled_counts(rows: Iterable[StudentRow], scope: Scope) -> dict[int, int]:
+    """Students with ENROLL_STATUS 0 or -1 per school of the scope, the figures the
+    school-drop rule compares from run to run.  Graduates told apart by their school's
+    name, not their status, are counted too (in the Graduated Students school)."""
     students: dict[int, set[int]] = {n: set() for n in scope.school_numbers}
     for row in rows:
         number = _as_int(row.student_number)
@@ -2541,9 +2557,11 @@ class Progress:
                 self.stream.flush()
 
     def close(self) -> None:
+        """End the line (once: closing again does nothing)."""
         if self.enabled and self.done:
             self.stream.write("\n")
             self.stream.flush()
+        self.enabled = False
 
 
 def send_summary_email(settings: Settings, subject: str, body: str) -> None:
@@ -2632,34 +2650,53 @@ class Run:
         return self.args.as_of or dt.date.today()
 
 
-def _read_powerschool(run: Run, kind: str,
-                      scope_known: Callable[[Scope], None] | None = None) -> tuple[Scope, list[StudentRow]]:
-    """The scope's rows; `scope_known` is called once the scope is valid, before the rows are read."""
+@contextlib.contextmanager
+def _powerschool(run: Run) -> Iterator[Any]:
+    """An open PowerSchool connection for the block; a driver's error in it becomes a stop."""
     connection = connect_powerschool(run.settings)
     run.source_version = getattr(connection, "version", None) or f"SQLite {sqlite3.sqlite_version}"
     log.debug("PowerSchool: %s", run.source_version)
     try:
-        try:
-            schools = read_schools(connection)
-            scope = resolve_scope(kind, schools, run.args.building or ())
-            if scope_known:
-                scope_known(scope)
-            rows = read_students(connection, scope, schools)
-        except StopRun:
+        yield connection
+    except StopRun:
+        raise
+    except Exception as exc:  # any DB-API driver's error class
+        if not _is_db_error(exc):
             raise
-        except Exception as exc:  # any DB-API driver's error class
-            if not _is_db_error(exc):
-                raise
-            raise SourceError(f"PowerSchool: query failed: {_describe_db_error(exc)}") from None
+        raise SourceError(f"PowerSchool: query failed: {_describe_db_error(exc)}") from None
     finally:
         connection.close()
+
+
+def _read_rows(connection: Any, scope: Scope, schools: Mapping[int, School]) -> list[StudentRow]:
+    rows = read_students(connection, scope, schools)
     log.info("PowerSchool: %d rows for %s (%d schools)", len(rows), scope.describe(), len(scope.school_numbers))
-    return scope, rows
+    return rows
 
 
-def _connect_google(run: Run) -> tuple[DirectoryClient, Directory]:
-    client = _google_client(run)
-    return client, _read_directory(run, client)
+def _read_powerschool(run: Run, kind: str) -> tuple[Scope, list[StudentRow]]:
+    """The scope and its rows."""
+    with _powerschool(run) as connection:
+        schools = read_schools(connection)
+        scope = resolve_scope(kind, schools, run.args.building or ())
+        return scope, _read_rows(connection, scope, schools)
+
+
+@dataclass(frozen=True)
+class _Weighed:
+    """What a sync keeps of PowerSchool's rows once they are weighed (the rows themselves,
+    the largest thing a run holds, are let go)."""
+
+    decisions: Decisions
+    enrolled: Mapping[int, int]     # per school, for the school-drop rule
+    row_count: int
+    student_numbers: frozenset[int]  # for the unowned-account report
+
+
+def _weigh(rows: Sequence[StudentRow], scope: Scope, settings: Settings, today: dt.date) -> _Weighed:
+    numbers = frozenset(n for n in (_as_int(r.student_number) for r in rows) if n is not None)
+    return _Weighed(decisions=decide_all(rows, settings, today, scope), enrolled=enrolled_counts(rows, scope),
+                    row_count=len(rows), student_numbers=numbers)
 
 
 def _google_client(run: Run) -> DirectoryClient:
@@ -2669,13 +2706,13 @@ def _google_client(run: Run) -> DirectoryClient:
     return DirectoryClient(settings, google_credentials(settings), policy)
 
 
-def _read_directory(run: Run, client: DirectoryClient, cancel: threading.Event | None = None) -> Directory:
+def _wait_for_directory(run: Run, reading: DirectoryRead, progress: Progress) -> Directory:
+    """The directory a read brings; its errors become a stop that says what failed."""
     from google.auth.exceptions import RefreshError
 
     settings = run.settings
-    progress = Progress("reading Google accounts")
     try:
-        directory = read_directory(client, settings, cancel, progress.step)
+        directory = reading.result()
     except _http_error_class() as exc:
         raise GoogleError(f"Google: cannot read the directory of {settings.google.domain}: "
                           f"{describe_http_error(exc)}") from None
@@ -2691,6 +2728,14 @@ def _read_directory(run: Run, client: DirectoryClient, cancel: threading.Event |
     log.info("Google: %d accounts, %d OUs in %s", len(directory.accounts), len(directory.org_units),
              settings.google.domain)
     return directory
+
+
+def _read_whole_directory(run: Run) -> tuple[DirectoryClient, Directory]:
+    """An authorized client, and every account and OU of the domain read through it."""
+    client = _google_client(run)
+    progress = Progress("reading Google accounts")
+    with DirectoryRead(client, run.settings, progress.step) as reading:
+        return client, _wait_for_directory(run, reading, progress)
 
 
 def _new_account_password(settings: Settings, changes: Sequence[Change], dry_run: bool) -> str | None:
@@ -2798,51 +2843,39 @@ def run_sync(run: Run) -> int:
     """A sync run (or dry run) for a scope."""
     args, settings = run.args, run.settings
     today = run.today()
-    # Google's listing is mostly waiting: once PowerSchool has vouched for the scope, the
-    # directory is read while the students are read and weighed.
-    cancel = threading.Event()
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="directory") as pool:
-        started: list[Any] = []
-
-        def read_google(scope: Scope) -> None:
-            client = _google_client(run)
-            # Loading and building the client is CPU work: done here, before the listing's
-            # waiting starts, it does not compete with the PowerSchool rows for the interpreter.
-            client.resource("users")
-            started.append((client, pool.submit(_read_directory, run, client, cancel)))
-
-        try:
-            scope, rows = _read_powerschool(run, _scope_kind(args), read_google)
-            decisions = decide_all(rows, settings, today, scope)
-            active = active_counts(rows, scope)
-            row_count = len(rows)
-            numbers = {n for n in (_as_int(r.student_number) for r in rows) if n is not None}
-            del rows  # the largest district's rows are not needed past this point
-            client, reading = started[0]
-            directory = reading.result()
-        except BaseException:
-            cancel.set()  # do not wait for a listing nobody will use
-            raise
-    directory = confirm_org_units(client, directory, {d.target_ou for d in decisions.by_email.values()})
-    plan_ = plan_changes(decisions, directory, settings)
-    del decisions
+    with _powerschool(run) as connection:
+        schools = read_schools(connection)
+        scope = resolve_scope(_scope_kind(args), schools, args.building or ())
+        # Google's listing is mostly waiting: once PowerSchool has vouched for the scope, the
+        # directory is read while the students are read and weighed.
+        client = _google_client(run)
+        # Loading and building the client is CPU work: done here, before the listing's
+        # waiting starts, it does not compete with the PowerSchool rows for the interpreter.
+        client.resource("users")
+        progress = Progress("reading Google accounts")
+        with DirectoryRead(client, settings, progress.step) as reading, contextlib.closing(progress):
+            weighed = _weigh(_read_rows(connection, scope, schools), scope, settings, today)
+            directory = _wait_for_directory(run, reading, progress)
+    directory = confirm_org_units(client, directory, {d.target_ou for d in weighed.decisions.by_email.values()})
+    plan_ = plan_changes(weighed.decisions, directory, settings)
     for notice in plan_.notices:
         _log_notice(notice)
-    unowned = unowned_accounts(directory, numbers, settings) if scope.kind == "all" else []
+    unowned = unowned_accounts(directory, weighed.student_numbers, settings) if scope.kind == "all" else []
     for account in unowned[:50]:
         log.info("account %s in %s matches no PowerSchool student (report only)", account.email, account.org_unit)
     if len(unowned) > 50:
         log.info("... and %d more accounts nobody owns (see --report)", len(unowned) - 50)
     if args.plan_out:
         write_plan_file(args.plan_out, plan_, scope=scope, today=today, settings=settings, run_id=run.run_id,
-                        active=active)
+                        active=weighed.enrolled)
         log.info("plan written to %s", args.plan_out)
 
-    problems = _safety_problems(plan_, row_count, active, scope, settings, load_school_counts(run.counts_path))
+    problems = _safety_problems(plan_, weighed.row_count, weighed.enrolled, scope, settings,
+                                load_school_counts(run.counts_path))
     if problems and not args.allow_mass_changes:
         saved = run.logs / f"plan-{run.run_id}.json"
         write_plan_file(saved, plan_, scope=scope, today=today, settings=settings, run_id=run.run_id,
-                        active=active)
+                        active=weighed.enrolled)
         if args.report:
             stopped = [Outcome(c, Status.NOT_APPLIED, "safety stop") for c in plan_.changes]
             _write_report_or_say(args.report, stopped, plan_.notices, unowned)
@@ -2860,7 +2893,7 @@ def run_sync(run: Run) -> int:
     else:
         outcomes = _apply(run, "sync", client, plan_.changes, password,
                           _reconciler(plan_.decisions, directory, settings))
-        save_school_counts(run.counts_path, active, settings.path)
+        save_school_counts(run.counts_path, weighed.enrolled, settings.path)
     return _finish(run, outcomes, plan_.notices, plan_.unchanged, args.dry_run, unowned)
 
 
@@ -2869,7 +2902,7 @@ def run_apply_plan(run: Run) -> int:
     document, changes = read_plan_file(run.args.apply_plan, run.settings)
     log.info("plan %s: %d changes, made %s for %s", run.args.apply_plan, len(changes),
              document.get("created"), (document.get("scope") or {}).get("kind"))
-    client, directory = _connect_google(run)
+    client, directory = _read_whole_directory(run)
     current, stale = [], []
     for change in changes:
         account = directory.accounts.get(change.email.lower())
@@ -2906,7 +2939,7 @@ def run_undo(run: Run) -> int:
     """Reverse an earlier run from its journal."""
     entries = read_journal(run.logs, run.args.undo)
     log.info("undo of run %s: %d journal entries", run.args.undo, len(entries))
-    client, directory = _connect_google(run)
+    client, directory = _read_whole_directory(run)
     changes, notices = undo_changes(entries, directory)
     for notice in notices:
         _log_notice(notice)
@@ -2934,7 +2967,7 @@ def run_check(run: Run) -> int:
     counts: dict[int, int] = {}
     try:
         scope, rows = _read_powerschool(run, _scope_kind(run.args) or "all")
-        counts = active_counts(rows, scope)
+        counts = enrolled_counts(rows, scope)
         report(True, f"PowerSchool reachable ({run.source_version}); active students per school for "
                f"{scope.describe()}: "
                + ", ".join(f"{school}: {n}" for school, n in sorted(counts.items())))
@@ -2943,7 +2976,7 @@ def run_check(run: Run) -> int:
 
     directory = None
     try:
-        client, directory = _connect_google(run)
+        client, directory = _read_whole_directory(run)
         report(True, f"Google authorized {_who(settings)}; {len(directory.accounts)} accounts in "
                f"{settings.google.domain}")
     except StopRun as exc:
