@@ -2652,7 +2652,7 @@ class Run:
     run_id: str
     log_path: Path | None = None
     summary: Summary | None = None
-    lines: list[str] = field(default_factory=list)   # problems worth an email
+    failures_to_email: list[str] = field(default_factory=list)   # the email's "Failures:" lines
     started: float = field(default_factory=time.monotonic)
     source_version: str = ""                        # PowerSchool's, once connected
 
@@ -2830,7 +2830,7 @@ def _apply(run: Run, kind: str, client: DirectoryClient, changes: Sequence[Chang
         message = (applier.authorization_lost + f"; {sum(o.ok for o in outcomes)} changes were applied "
                    "before that, the others were not attempted")
         log.error("%s", message)
-        run.lines.append(message)
+        run.failures_to_email.append(message)
     return outcomes
 
 
@@ -2853,10 +2853,10 @@ def _finish(run: Run, outcomes: Sequence[Outcome], notices: Sequence[Notice], un
                             len(unowned))
     for outcome in outcomes:
         if outcome.failed:
-            run.lines.append(f"student {outcome.change.student_number} ({outcome.change.email}): {outcome.result}")
+            run.failures_to_email.append(f"student {outcome.change.student_number} ({outcome.change.email}): {outcome.result}")
     for notice in notices:
         if notice.level == Level.ERROR:
-            run.lines.append(f"student {notice.student_number} ({notice.email}): {notice.message}")
+            run.failures_to_email.append(f"student {notice.student_number} ({notice.email}): {notice.message}")
     log.info("%s", run.summary.text())
     return EXIT_FAILURES if run.summary.failures else EXIT_OK
 
@@ -3155,10 +3155,10 @@ def _email_after(run: Run, code: int, fatal: str | None) -> None:
         body += [fatal, ""]
     if run.summary:
         body += [run.summary.text(), ""]
-    if run.lines:
-        body += ["Failures:"] + [f"  {line}" for line in run.lines[:100]]
-        if len(run.lines) > 100:
-            body.append(f"  ... and {len(run.lines) - 100} more")
+    if run.failures_to_email:
+        body += ["Failures:"] + [f"  {line}" for line in run.failures_to_email[:100]]
+        if len(run.failures_to_email) > 100:
+            body.append(f"  ... and {len(run.failures_to_email) - 100} more")
         body.append("")
     body.append(f"Log: {run.log_path or '(no log file)'}")
     send_summary_email(run.settings, f"student_sync {what}: {outcome}", "\n".join(body))
