@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,38 @@ SCHOOLS = [
 
 def email(number: int) -> str:
     return f"{number}{district.SUFFIX}"
+
+
+def make_settings(**overrides_by_section: dict) -> student_sync.Settings:
+    """The test district's settings with some keys replaced, e.g. accounts={"bad_names": []}."""
+    raw = copy.deepcopy(district.BASE_SETTINGS)
+    for section, keys in overrides_by_section.items():
+        raw.setdefault(section, {}).update(keys)
+    return student_sync.settings_from_dict(raw, Path("student_sync.toml"))
+
+
+def state(server, number):
+    """(given name, family name, suspended, OU) of a student's account; None without one."""
+    user = server.user(email(number))
+    if user is None:
+        return None
+    return (user["name"]["givenName"], user["name"]["familyName"], user["suspended"], user["orgUnitPath"])
+
+
+def withdrawn(sync, numbers_at_101, numbers_at_102=()):
+    """Active accounts of students who left: each one is a suspension."""
+    for number in numbers_at_101:
+        sync.student(number, status=2)
+        sync.account(number)
+    for number in numbers_at_102:
+        sync.student(number, status=2, school=102, grade=7)
+        sync.account(number, org_unit=LMS_7, school=102)
+
+
+@pytest.fixture
+def no_backoff(monkeypatch):
+    """Retries happen as often as ever, without the waiting."""
+    monkeypatch.setattr(student_sync.RetryPolicy, "delay", lambda self, retry: 0.0)
 
 
 @dataclass

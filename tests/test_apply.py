@@ -227,8 +227,7 @@ def test_an_unexpected_transport_error_fails_one_student_and_the_rest_is_applied
 # --- end to end: every change lands although the server answers 429/503 for a share of writes --
 
 
-def test_run_applies_every_change_while_the_server_sheds_load(sync, monkeypatch):
-    monkeypatch.setattr(student_sync.RetryPolicy, "delay", lambda self, retry: 0.0)
+def test_run_applies_every_change_while_the_server_sheds_load(sync, no_backoff):
     for number in range(8000, 8070):
         sync.student(number, grade=10)
         sync.account(number)                 # 9th-grade OU: every one moves

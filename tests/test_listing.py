@@ -7,17 +7,15 @@ they do, the listing must return every account or stop with an error, never loop
 
 from __future__ import annotations
 
-import copy
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
 import student_sync
-from testkit import district
+from conftest import make_settings
 
-SETTINGS = student_sync.settings_from_dict(copy.deepcopy(district.BASE_SETTINGS), Path("student_sync.toml"))
+SETTINGS = make_settings()
 
 
 class Users:

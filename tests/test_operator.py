@@ -31,12 +31,6 @@ SMTP_PASSWORD = "SMTPPASS-4e8d21"
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def no_backoff(monkeypatch):
-    """Retries happen as often as ever, without the waiting."""
-    monkeypatch.setattr(student_sync.RetryPolicy, "delay", lambda self, retry: 0.0)
-
-
 def log_files(sync: Sync) -> list[Path]:
     return sorted((sync.folder / "logs").glob("student_sync-*.log"))
 

@@ -7,15 +7,14 @@ labels and the body it sends), the per-student notices, or that nothing changes.
 
 from __future__ import annotations
 
-import copy
 import datetime as dt
 import sqlite3
 from decimal import Decimal
-from pathlib import Path
 
 import pytest
 
 import student_sync as ss
+from conftest import make_settings
 from testkit import district
 
 # ---------------------------------------------------------------------------
@@ -45,14 +44,6 @@ NOVEMBER = dt.date(2026, 11, 28)  # the default run date: no summer grace
 JULY = dt.date(2026, 7, 15)
 
 EMAIL = "12345@d118.org"
-
-
-def make_settings(**overrides_by_section: dict) -> ss.Settings:
-    """The test district's settings with some keys replaced, e.g. accounts={"bad_names": []}."""
-    raw = copy.deepcopy(district.BASE_SETTINGS)
-    for section, keys in overrides_by_section.items():
-        raw.setdefault(section, {}).update(keys)
-    return ss.settings_from_dict(raw, Path("student_sync.toml"))
 
 
 def row(number=12345, first="Ann", last="Lee", class_of=2030, status=0, school=WHS, grade=9,

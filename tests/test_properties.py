@@ -15,19 +15,18 @@ must hold for every plan:
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import datetime as dt
 import os
 import random
 from collections import Counter
-from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Mapping
 
 from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 import student_sync as ss
+from conftest import make_settings
 from testkit import district
 
 # ---------------------------------------------------------------------------
@@ -72,15 +71,9 @@ STUDENT_OUS = [ou for s in SCHOOLS if s.abbreviation for ou in building_ous(s.ab
 ALL_OUS = [SUSPENDED_OU, GRADUATED_OU, *STUDENT_OUS, *FROZEN_OUS, *OTHER_OUS]
 
 
-def make_settings(graduated_active_summer: bool = True, remove_groups: bool = True) -> ss.Settings:
-    raw = copy.deepcopy(district.BASE_SETTINGS)
-    raw["accounts"]["graduated_active_summer"] = graduated_active_summer
-    raw["accounts"]["remove_groups_on_suspend"] = remove_groups
-    raw["ous"]["frozen"] = list(FROZEN)
-    return ss.settings_from_dict(raw, Path("student_sync.toml"))
-
-
-SETTINGS = {(summer, groups): make_settings(summer, groups)
+SETTINGS = {(summer, groups): make_settings(accounts={"graduated_active_summer": summer,
+                                                      "remove_groups_on_suspend": groups},
+                                            ous={"frozen": list(FROZEN)})
             for summer in (True, False) for groups in (True, False)}
 
 # ---------------------------------------------------------------------------

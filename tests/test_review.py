@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import LMS_7, PASSWORD, WHS_9, WHS_10, email
+from conftest import LMS_7, PASSWORD, WHS_9, WHS_10, email, withdrawn
 import student_sync
 from testkit import district
 from testkit.directory_server import FaultPlan
@@ -95,12 +95,6 @@ def every_kind_of_change(sync, base: int) -> dict[str, int]:
     sync.student(numbers["in_step"])
     sync.account(numbers["in_step"])
     return numbers
-
-
-def withdrawn(sync, numbers) -> None:
-    for number in numbers:
-        sync.student(number, status=2)
-        sync.account(number)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -452,8 +446,7 @@ def test_real_run_journals_every_applied_change_and_names_its_run_id(sync):
     assert by_email[email(n["suspend"])]["action"] == "suspend"
 
 
-def test_failed_changes_are_journalled_as_failed_and_an_undo_leaves_them_alone(sync, monkeypatch):
-    monkeypatch.setattr(student_sync.RetryPolicy, "delay", lambda self, retry: 0.0)
+def test_failed_changes_are_journalled_as_failed_and_an_undo_leaves_them_alone(sync, no_backoff):
     sync.student(3151)
     sync.account(3151, org_unit=WHS_10)
     withdrawn(sync, [3152])

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import LMS_7, ROOT, WHS_9, WHS_10, email
+from conftest import LMS_7, ROOT, WHS_9, WHS_10, email, state, withdrawn
 import student_sync
 from testkit import district
 from testkit.directory_server import FaultPlan
@@ -63,12 +63,6 @@ def no_browser(monkeypatch):
         monkeypatch.setattr(webbrowser, name, refuse)
     from google_auth_oauthlib.flow import InstalledAppFlow
     monkeypatch.setattr(InstalledAppFlow, "run_local_server", refuse)
-
-
-@pytest.fixture
-def no_backoff(monkeypatch):
-    """Retries happen as often as ever, without the waiting."""
-    monkeypatch.setattr(student_sync.RetryPolicy, "delay", lambda self, retry: 0.0)
 
 
 class TokenEndpoint(ThreadingHTTPServer):
@@ -196,26 +190,9 @@ def lines_with(output: str, text: str) -> list[str]:
     return [line for line in output.splitlines() if text in line]
 
 
-def state(server, number):
-    user = server.user(email(number))
-    if user is None:
-        return None
-    return (user["name"]["givenName"], user["name"]["familyName"], user["suspended"], user["orgUnitPath"])
-
-
 # ---------------------------------------------------------------------------------------------
 # 1. Mass-change guard
 # ---------------------------------------------------------------------------------------------
-
-
-def withdrawn(sync, numbers_at_101, numbers_at_102=()):
-    """Active accounts of students who left: each one is a suspension."""
-    for number in numbers_at_101:
-        sync.student(number, status=2)
-        sync.account(number)
-    for number in numbers_at_102:
-        sync.student(number, status=2, school=102, grade=7)
-        sync.account(number, org_unit=LMS_7, school=102)
 
 
 def test_more_suspensions_than_the_limit_change_nothing_and_exit_3(sync):

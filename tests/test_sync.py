@@ -13,20 +13,13 @@ from urllib.parse import unquote
 import googleapiclient
 import pytest
 
-from conftest import FROZEN, LMS_7, PASSWORD, ROOT, WHS_9, WHS_10, email
+from conftest import FROZEN, LMS_7, PASSWORD, ROOT, WHS_9, WHS_10, email, make_settings, state
 import student_sync
 from testkit import district
 from testkit.directory_server import FaultPlan
 
 GRAD_OU = district.GRADUATED_OU
 SUSPENDED_OU = district.SUSPENDED_OU
-
-
-def state(server, number):
-    user = server.user(email(number))
-    if user is None:
-        return None
-    return (user["name"]["givenName"], user["name"]["familyName"], user["suspended"], user["orgUnitPath"])
 
 
 # --- one run brings every kind of student in step; a second run makes no writes -----------------
@@ -328,8 +321,7 @@ def test_unreachable_directory_is_exit_2(sync):
     assert "127.0.0.1:9" in result.output
 
 
-def test_write_failing_after_retries_is_exit_1_and_names_the_student(sync, monkeypatch):
-    monkeypatch.setattr(student_sync.RetryPolicy, "delay", lambda self, retry: 0.0)
+def test_write_failing_after_retries_is_exit_1_and_names_the_student(sync, no_backoff):
     sync.student(5301, grade=10)
     sync.account(5301)
     sync.server.faults = FaultPlan(rate=1.0, statuses=(503,), only_writes=True, seed=1)
@@ -425,9 +417,7 @@ def test_every_request_is_a_method_of_the_discovery_document(sync):
 
 def test_an_ou_missing_from_the_ou_list_is_asked_for_before_a_student_is_failed(server):
     # As if the server's OU list had left the 10th-grade OU out.
-    settings = student_sync.settings_from_dict(
-        {**district.BASE_SETTINGS, "google": {**district.BASE_SETTINGS["google"], "api_endpoint": server.url}},
-        ROOT / "student_sync.toml")
+    settings = make_settings(google={"api_endpoint": server.url})
     client = student_sync.DirectoryClient(settings)
     listed = student_sync.Directory(accounts={}, org_units={"/": "/"})
 
