@@ -30,8 +30,7 @@ Usage::
 Rates come from the server's record: each call is stamped when the server starts
 handling it (before the simulated latency). "writes/s" is the number of intervals
 between the first and the last write divided by that time; "peak in 1 s" is the most
-calls whose stamps fit in any window [t, t + 1 s). Batch envelopes (``/batch``) are
-not calls: their parts are counted one by one, as Google's quota counts them.
+calls whose stamps fit in any window [t, t + 1 s).
 
 Standard library and the project's own test kit only; the baseline child imports
 googleapiclient, like student_sync. Every child is bounded by ``--timeout``.
@@ -152,8 +151,6 @@ def run_child(command: Sequence[str], *, cwd: Path, env: dict[str, str], timeout
 
 def method_name(record: Recorded) -> str:
     """The discovery document's method name for a recorded call (``users.list``...)."""
-    if record.path == "/batch" or record.path.startswith("/batch/"):
-        return "batch"
     if not record.path.startswith(API):
         return f"{record.method} {record.path}"
     seg = record.path[len(API):].split("/")
@@ -176,7 +173,7 @@ def method_name(record: Recorded) -> str:
 
 
 def is_write(record: Recorded) -> bool:
-    return record.method in WRITE_METHODS and method_name(record) != "batch"
+    return record.method in WRITE_METHODS
 
 
 @dataclass(frozen=True)
@@ -227,8 +224,7 @@ def sustained_rate(stamps: Sequence[float]) -> float | None:
 @dataclass
 class Traffic:
     by_method: Counter
-    calls: int                      # API calls; batch parts one by one, envelopes not counted
-    batches: int
+    calls: int                      # API calls
     writes: int
     creates: int
     errors: Counter                 # status -> count, for answers >= 400
@@ -244,7 +240,7 @@ class Traffic:
     @classmethod
     def of(cls, records: Sequence[Recorded], spawned: float) -> "Traffic":
         names = [method_name(r) for r in records]
-        calls = [r for r, n in zip(records, names) if n != "batch"]
+        calls = list(records)
         writes = [r.time for r in calls if r.method in WRITE_METHODS]
         creates = [r.time for r, n in zip(records, names) if n == "users.insert"]
         lists = [r.time for r, n in zip(records, names) if n in ("users.list", "orgunits.list")]
@@ -254,8 +250,8 @@ class Traffic:
                   "last write": max(writes, default=None)}
         return cls(
             timeline={k: v - spawned for k, v in events.items() if v is not None},
-            by_method=Counter(n for n in names if n != "batch"),
-            calls=len(calls), batches=names.count("batch"), writes=len(writes),
+            by_method=Counter(names),
+            calls=len(calls), writes=len(writes),
             creates=len(creates),
             errors=Counter(r.status for r in calls if r.status >= 400),
             writes_per_s=sustained_rate(writes),
@@ -528,8 +524,6 @@ def print_result(result: Result) -> None:
               + " (call stamps are starts)")
     print(f"  peak RSS of the child      {_num(run.peak_rss_mb, 1, ' MB')}")
     print(f"  Directory calls            {traffic.calls:,}: {traffic.describe_methods()}")
-    if traffic.batches:
-        print(f"  batch envelopes            {traffic.batches:,} (their parts counted above)")
     errors = ", ".join(f"{status} x{count}" for status, count in sorted(traffic.errors.items()))
     print(f"  error answers              {errors or 'none'}")
     print(f"  writes                     {traffic.writes:,}"

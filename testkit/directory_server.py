@@ -2,11 +2,12 @@
 
 It serves the part of the Directory API (``admin.directory_v1``) that student_sync uses, as the
 discovery document bundled with google-api-python-client describes it: users list/get/insert/
-update/patch, org units list/get, groups list, members delete, schemas list/get, and the
-``/batch`` endpoint in googleapiclient's ``multipart/mixed`` format. Google's behaviour is
-followed closely and strictly -- error codes, reasons and messages, ``fields`` partial
-responses, pagination tokens, projections, patch semantics, INT64 custom attributes as text --
-so code that works here works against Google.
+update, org units list/get, groups list, members delete and schemas list/get; what the tool
+never calls (batch requests, users.patch, users.list search queries) is left out, so a change
+that starts calling it fails here first. Google's behaviour is followed closely and strictly --
+error codes, reasons and messages, ``fields`` partial responses, pagination tokens,
+projections, update's patch semantics, INT64 custom attributes as text -- so code that works
+here works against Google.
 
 Usage::
 
@@ -41,10 +42,8 @@ import sys
 import threading
 import time
 import traceback
-import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from json.encoder import encode_basestring as _json_string
 from pathlib import Path
@@ -58,7 +57,6 @@ JSON_TYPE = "application/json; charset=UTF-8"
 HTML_TYPE = "text/html"
 MY_CUSTOMER = "my_customer"
 WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
-MAX_BATCH_PARTS = 1000
 MAX_NAME_LENGTH = 60
 FIELD_TYPES = frozenset({"STRING", "INT64", "BOOL", "DOUBLE", "EMAIL", "PHONE", "DATE"})
 INT64_RANGE = (-(2**63), 2**63 - 1)
@@ -528,60 +526,6 @@ def _ou_in_subtree(path: str, root: str) -> bool:
 
 
 # --------------------------------------------------------------------------------------------
-# Users query (the ``query`` parameter of users.list)
-# --------------------------------------------------------------------------------------------
-
-_CLAUSE = re.compile(
-    r"\s*(?P<field>[A-Za-z][A-Za-z0-9_.]*)\s*(?P<op>=|:)\s*"
-    r"(?P<value>'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"|[^\s'\"]+)\s*")
-
-UserPredicate = Callable[[dict], bool]
-
-
-def _unquote_value(value: str) -> str:
-    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-        return re.sub(r"\\(.)", r"\1", value[1:-1])
-    return value
-
-
-def _text_predicate(getter: Callable[[dict], str], op: str, value: str) -> UserPredicate:
-    wanted = value.lower()
-    if op == ":" and wanted.endswith("*"):
-        prefix = wanted[:-1]
-        return lambda user: getter(user).lower().startswith(prefix)
-    return lambda user: getter(user).lower() == wanted
-
-
-def _clause_predicate(name: str, op: str, value: str) -> UserPredicate:
-    if name.lower() == "orgunitpath" and op == "=":
-        root = value.rstrip("/") or "/"
-        return lambda user: _ou_in_subtree(user["orgUnitPath"], root)
-    if name.lower() == "issuspended" and op == "=" and value.lower() in ("true", "false"):
-        flag = value.lower() == "true"
-        return lambda user: bool(user.get("suspended")) == flag
-    if name == "email":
-        return _text_predicate(lambda user: user["primaryEmail"], op, value)
-    if name in ("givenName", "familyName"):
-        return _text_predicate(lambda user: user["name"].get(name, ""), op, value)
-    raise _invalid(f"Invalid Input: {name}{op}{value}")
-
-
-def _parse_user_query(text: str) -> UserPredicate:
-    predicates: list[UserPredicate] = []
-    pos = 0
-    while pos < len(text):
-        match = _CLAUSE.match(text, pos)
-        if not match or match.end() == pos:
-            if text[pos:].strip() == "":
-                break
-            raise _invalid(f"Invalid Input: {text}")
-        value = _unquote_value(match.group("value"))
-        predicates.append(_clause_predicate(match.group("field"), match.group("op"), value))
-        pos = match.end()
-    return lambda user: all(predicate(user) for predicate in predicates)
-
-
-# --------------------------------------------------------------------------------------------
 # Directory state
 # --------------------------------------------------------------------------------------------
 
@@ -865,7 +809,7 @@ class _DirectoryApi:
             params = {"userKey": decoded[1]}
             if method == "GET":
                 return self.users_get, "User", params
-            if method in ("PUT", "PATCH"):
+            if method == "PUT":
                 return self.users_update, "User", params
         if seg[0] == "groups" and n == 1 and method == "GET":
             return self.groups_list, "Groups", {}
@@ -941,11 +885,12 @@ class _DirectoryApi:
         descending = _enum_param(query, "sortOrder", "ASCENDING",
                                  {"ASCENDING", "DESCENDING"}) == "DESCENDING"
         _enum_param(query, "viewType", "admin_view", {"admin_view", "domain_public"})
-        matches = _parse_user_query(query.get("query", ""))
+        if query.get("query"):  # search results can lag writes: student_sync lists instead
+            raise _invalid(f"Invalid Input: {query['query']} (this test server does not search)")
         suffix = "@" + domain if domain else None
 
         def accept(user: dict) -> bool:
-            return (suffix is None or user["primaryEmail"].endswith(suffix)) and matches(user)
+            return suffix is None or user["primaryEmail"].endswith(suffix)
 
         if _bool_param(query, "showDeleted"):
             page, token = [], None
@@ -1225,111 +1170,13 @@ class _DirectoryApi:
 
 
 # --------------------------------------------------------------------------------------------
-# Multipart batch format
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _InnerRequest:
-    content_id: str | None
-    method: str
-    target: str
-    headers: dict[str, str]
-    body: bytes
-
-
-def _split_head(data: bytes) -> tuple[list[str], bytes]:
-    """Split header lines from the body at the first blank line (CRLF or LF)."""
-    ends = [(i, len(sep)) for sep in (b"\r\n\r\n", b"\n\n") if (i := data.find(sep)) >= 0]
-    if not ends:
-        head, body = data, b""
-    else:
-        index, length = min(ends)
-        head, body = data[:index], data[index + length:]
-    lines: list[str] = []
-    for line in re.split(r"\r?\n", head.decode("utf-8", "replace")):
-        if line[:1] in (" ", "\t") and lines:
-            lines[-1] += " " + line.strip()
-        elif line:
-            lines.append(line)
-    return lines, body
-
-
-def _header_map(lines: list[str]) -> dict[str, str]:
-    headers = {}
-    for line in lines:
-        name, sep, value = line.partition(":")
-        if not sep:
-            raise ApiError(400, *BAD_REQUEST)
-        headers[name.strip().lower()] = value.strip()
-    return headers
-
-
-def _boundary(content_type: str) -> str:
-    match = re.search(r'boundary=(?:"([^"]+)"|([^;\s]+))', content_type, re.IGNORECASE)
-    if not content_type.lower().startswith("multipart/mixed") or not match:
-        raise ApiError(400, *BAD_REQUEST)
-    return match.group(1) or match.group(2)
-
-
-def _parse_batch(body: bytes, content_type: str) -> list[_InnerRequest]:
-    delimiter = re.escape(b"--" + _boundary(content_type).encode("latin-1"))
-    chunks = re.split(rb"(?:^|\r?\n)" + delimiter, body)
-    requests = []
-    for chunk in chunks[1:]:
-        if chunk.startswith(b"--"):
-            break
-        chunk = re.sub(rb"^[ \t]*\r?\n", b"", chunk, count=1)
-        requests.append(_parse_part(chunk))
-    if not requests:
-        raise ApiError(400, *BAD_REQUEST)
-    if len(requests) > MAX_BATCH_PARTS:
-        raise ApiError(400, "badRequest",
-                       f"A batch request cannot contain more than {MAX_BATCH_PARTS} requests")
-    return requests
-
-
-def _parse_part(part: bytes) -> _InnerRequest:
-    part_lines, payload = _split_head(part)
-    part_headers = _header_map(part_lines)
-    if not part_headers.get("content-type", "").lower().startswith("application/http"):
-        raise ApiError(400, *BAD_REQUEST)
-    lines, body = _split_head(payload)
-    request_line = lines[0].split() if lines else []
-    if len(request_line) not in (2, 3):
-        raise ApiError(400, *BAD_REQUEST)
-    headers = _header_map(lines[1:])
-    length = headers.get("content-length")
-    if length is not None and length.isdigit():
-        body = body[:int(length)]
-    target = request_line[1]
-    if "://" in target:
-        split = urlsplit(target)
-        target = split.path + ("?" + split.query if split.query else "")
-    return _InnerRequest(part_headers.get("content-id"), request_line[0].upper(), target,
-                         headers, body)
-
-
-def _batch_part(boundary: str, content_id: str | None, response: _Response) -> bytes:
-    lines = [f"--{boundary}", "Content-Type: application/http"]
-    if content_id:
-        inner = content_id[1:-1] if content_id.startswith("<") else content_id
-        lines.append(f"Content-ID: <response-{inner}>")
-    lines += ["", f"HTTP/1.1 {response.status} {HTTPStatus(response.status).phrase}"]
-    if response.content_type and response.body:
-        lines.append(f"Content-Type: {response.content_type}")
-    lines.append(f"Content-Length: {len(response.body)}")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8") + response.body + b"\r\n"
-
-
-# --------------------------------------------------------------------------------------------
 # The server
 # --------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class Recorded:
-    """One request as the server saw it (batch parts are recorded one by one)."""
+    """One request as the server saw it."""
 
     method: str
     path: str                    # URL-decoded, without the query string
@@ -1603,34 +1450,12 @@ class DirectoryServer:
     # request handling ------------------------------------------------------------------------
     def _handle_http(self, method: str, target: str, headers: dict[str, str],
                     body: bytes) -> _Response:
-        """Answer one HTTP request (a batch or a single API call); never raises."""
+        """Answer one HTTP request; never raises."""
         try:
-            path = urlsplit(target).path
-            if path == "/batch" or path.startswith("/batch/"):
-                return self._handle_batch(method, target, headers, body)
             return self._handle_call(method, target, headers, body)
         except Exception:  # noqa: BLE001 - the server must keep serving
             traceback.print_exc()
             return _fault_response("500")
-
-    def _handle_batch(self, method: str, target: str, headers: dict[str, str],
-                      body: bytes) -> _Response:
-        started = _monotonic()
-        try:
-            if method != "POST":
-                raise ApiError(404, "notFound", "Not Found")
-            parts = _parse_batch(body, headers.get("content-type", ""))
-            boundary = "batch_" + uuid.uuid4().hex
-            chunks = [_batch_part(boundary, part.content_id,
-                                  self._handle_call(part.method, part.target, part.headers,
-                                                    part.body))
-                      for part in parts]
-            payload = b"".join(chunks) + f"--{boundary}--\r\n".encode("ascii")
-            response = _Response(200, payload, f"multipart/mixed; boundary={boundary}")
-        except ApiError as error:
-            response = _error_response(error)
-        self._record(method, target, None, response.status, started)
-        return response
 
     def _handle_call(self, method: str, target: str, headers: dict[str, str],
                      body: bytes) -> _Response:
