@@ -1,0 +1,423 @@
+"""PowerSchool through its plugin REST API (SPEC section 9), end to end.
+
+student_sync's command line reads the district from the local PowerSchool API server
+(testkit/powerschool_api.py, over the same SQLite copy) and the Google directory from the local
+Directory API server; the tests assert exit codes, output lines, the requests PowerSchool saw and
+the accounts' end state.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import WHS_9, email
+import student_sync
+from testkit import district
+from testkit.directory_server import DirectoryServer
+from testkit.powerschool_api import PowerSchoolApiServer, _Tables
+
+CLIENT_ID, CLIENT_SECRET = "d2b7c0de-0000-4c1e-9e55-client", "S3cr3t-never-shown-8f1a"
+COLUMNS = {"student_number", "first_name", "last_name", "classof", "enroll_status", "schoolid", "grade_level"}
+
+
+def api_settings(server: PowerSchoolApiServer, **extra: Any) -> dict:
+    return {"powerschool": {"source": "api", "url": server.url, "sqlite": None,
+                            "max_requests_per_second": 500, **extra}}
+
+
+def start_api(sync, **options: Any) -> PowerSchoolApiServer:
+    options.setdefault("max_page_size", 5)
+    return PowerSchoolApiServer(sync.folder / "powerschool.sqlite3", client_id=CLIENT_ID,
+                                client_secret=CLIENT_SECRET, **options).start()
+
+
+@pytest.fixture
+def api(sync, monkeypatch):
+    monkeypatch.setenv("POWERSCHOOL_CLIENT_ID", CLIENT_ID)
+    monkeypatch.setenv("POWERSCHOOL_CLIENT_SECRET", CLIENT_SECRET)
+    server = start_api(sync)
+    sync.settings(api_settings(server))
+    yield server
+    server.stop()
+
+
+def students(sync, count: int = 12, school: int = 101) -> list[int]:
+    numbers = [40000 + n for n in range(count)]
+    for number in numbers:
+        sync.student(number, school=school)
+    return numbers
+
+
+def student_pages(server: PowerSchoolApiServer) -> list:
+    return [r for r in server.requests if r.path == "/ws/schema/table/students"]
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------
+
+
+def test_an_api_run_creates_the_accounts_of_the_students_it_reads(sync, api):
+    numbers = students(sync, 12)
+    result = sync.run("--all")
+    assert result.code == 0, result.output
+    assert all(sync.server.user(email(n)) for n in numbers)
+    assert sync.server.user(email(numbers[0]))["orgUnitPath"] == WHS_9
+
+
+def test_the_read_is_token_metadata_count_then_pages_with_projection_and_sort(sync, api):
+    students(sync, 12)
+    assert sync.run("--all", "--dry-run").code == 0
+    records = api.requests
+    assert (records[0].method, records[0].path, records[0].auth) == ("POST", "/oauth/access_token", "Basic")
+    assert all(r.auth == "Bearer" for r in records[1:])
+    paths = [r.path for r in records]
+    assert paths.index("/ws/v1/metadata") < paths.index("/ws/schema/table/students/count") \
+        < paths.index("/ws/schema/table/students")
+    pages = student_pages(api)
+    assert sorted(int(r.query["page"]) for r in pages) == [1, 2, 3]     # 12 rows, 5 a page
+    for page in pages:
+        assert set(page.query["projection"].lower().split(",")) == COLUMNS
+        assert int(page.query["pagesize"]) == 5                        # the metadata's maximum
+        assert page.query["sort"].lower() in ("dcid", "id")
+    assert all(r.status == 200 for r in records)
+
+
+def test_every_other_row_of_a_scoped_student_is_weighed(sync, api):
+    """A run for building 102 must not suspend a student active at 101 (SPEC section 3)."""
+    sync.student(41000, status=2, school=102, grade=8)
+    sync.student(41000, status=0, school=101, grade=9)
+    sync.account(41000, org_unit=WHS_9)
+    result = sync.run("--building", "102")
+    assert result.code == 0, result.output
+    assert sync.server.user(email(41000))["suspended"] is False
+
+
+def test_an_unknown_building_is_exit_2_naming_it(sync, api):
+    students(sync, 2)
+    result = sync.run("--building", "555")
+    assert result.code == 2 and "555" in result.output
+
+
+# --------------------------------------------------------------------------------------------
+# The same district gives the same plan from every source
+# --------------------------------------------------------------------------------------------
+
+
+class OracleShapedConnection:
+    """A DB-API connection over the SQLite copy that answers the way python-oracledb does
+    for PowerSchool's NUMBER columns: numbers come back as floats (REFERENCE.md)."""
+
+    version = "19.0.0.0.0 (Oracle-shaped SQLite)"
+
+    def __init__(self, path: Path):
+        import sqlite3
+        self._connection = sqlite3.connect(path)
+
+    def cursor(self):
+        return _OracleShapedCursor(self._connection.cursor())
+
+    def close(self):
+        self._connection.close()
+
+
+class _OracleShapedCursor:
+    arraysize = 100
+
+    def __init__(self, cursor):
+        self._cursor = cursor
+
+    @staticmethod
+    def _row(row):
+        return tuple(float(v) if isinstance(v, int) else v for v in row)
+
+    def execute(self, sql, binds=None):
+        assert "NVL" not in sql and "SYSDATE" not in sql
+        self._cursor.execute(sql, binds or {})
+
+    def fetchall(self):
+        return [self._row(r) for r in self._cursor.fetchall()]
+
+    def fetchmany(self, size=None):
+        return [self._row(r) for r in self._cursor.fetchmany(size or self.arraysize)]
+
+    def close(self):
+        self._cursor.close()
+
+
+def _plan_of(sync, name: str, *arguments: str) -> dict:
+    """The dry run's plan (changes, notices, per-school counts, scope) and its exit code."""
+    path = sync.folder / f"plan-{name}.json"
+    result = sync.run("--all", "--dry-run", "--as-of", "2026-07-15", "--plan-out", str(path), *arguments)
+    assert result.code in (0, 1), result.output
+    document = json.loads(path.read_text(encoding="utf-8"))
+    return {"changes": document["changes"], "notices": document["notices"],
+            "active": document["active_students"], "scope": document["scope"], "code": result.code}
+
+
+class DemoDistrict:
+    """testkit's sample district (the demo's), run through the command line like `sync`."""
+
+    def __init__(self, folder: Path, server: DirectoryServer, capsys: Any):
+        self.folder, self.server, self.capsys = folder, server, capsys
+        self.database = folder / "powerschool.sqlite3"
+        district.build_demo_district(folder, server, 2026)
+        self.settings_path = self.settings({"powerschool": {"sqlite": str(self.database)}})
+
+    def settings(self, overrides: dict) -> Path:
+        self.settings_path = district.write_settings(self.folder / "student_sync.toml", self.server.url,
+                                                     overrides)
+        return self.settings_path
+
+    def run(self, *arguments: str):
+        self.capsys.readouterr()
+        code = student_sync.main(["--config", str(self.settings_path), *arguments])
+        captured = self.capsys.readouterr()
+        return type("Result", (), {"code": code, "output": captured.out + captured.err})
+
+
+def test_the_sample_district_gives_the_same_plan_from_sqlite_oracle_and_the_api(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("NEW_USER_PASSWORD", "Welcome-Sync-2026")
+    monkeypatch.setenv("POWERSCHOOL_CLIENT_ID", CLIENT_ID)
+    monkeypatch.setenv("POWERSCHOOL_CLIENT_SECRET", CLIENT_SECRET)
+    with DirectoryServer(domain=district.DOMAIN) as server:
+        demo = DemoDistrict(tmp_path, server, capsys)
+        from_sqlite = _plan_of(demo, "sqlite")
+
+        monkeypatch.setattr(student_sync, "connect_powerschool",
+                            lambda settings: OracleShapedConnection(demo.database))
+        from_oracle = _plan_of(demo, "oracle")
+        monkeypatch.undo()
+        monkeypatch.setenv("POWERSCHOOL_CLIENT_ID", CLIENT_ID)
+        monkeypatch.setenv("POWERSCHOOL_CLIENT_SECRET", CLIENT_SECRET)
+
+        with PowerSchoolApiServer(demo.database, client_id=CLIENT_ID, client_secret=CLIENT_SECRET,
+                                  max_page_size=7) as ps_api:
+            demo.settings(api_settings(ps_api))
+            from_api = _plan_of(demo, "api")
+            assert len(student_pages(ps_api)) > 10  # read in many pages
+    assert from_sqlite["changes"], "the sample district has changes to plan"
+    assert from_oracle == from_sqlite
+    assert from_api == from_sqlite
+
+
+def test_odd_values_read_through_the_api_give_what_sqlite_gives(sync, monkeypatch):
+    """Text in number columns, NULLs, floats: every value comes back as a string from the API
+    (or is left out when NULL), and is judged as the SQL path judges it."""
+    sync.student(50001, class_of=None)                     # NULL CLASSOF: warning
+    sync.student(50002, status=None)                       # NULL ENROLL_STATUS: failed
+    sync.student("50003", grade="10")                      # text holding numbers
+    sync.student(50004.0, school=101.0)                    # floats
+    sync.student(50005, school="abc")                      # a school number that is not one
+    sync.student(50006, first="  ANNE-MARIE  ", last="O'NEIL")
+    sync.student(50007, last=None)                         # NULL name: cannot create
+    sync.student(50008, status=2)                          # not active
+    sync.account(50008)
+    from_sqlite = _plan_of(sync, "sqlite")
+    monkeypatch.setenv("POWERSCHOOL_CLIENT_ID", CLIENT_ID)
+    monkeypatch.setenv("POWERSCHOOL_CLIENT_SECRET", CLIENT_SECRET)
+    with start_api(sync) as server:
+        sync.settings(api_settings(server))
+        from_api = _plan_of(sync, "api")
+    assert from_api == from_sqlite
+    assert from_api["code"] == 1
+
+
+def test_a_lenient_reading_of_other_answer_shapes(sync, api, monkeypatch):
+    """Ids as text, table names in capitals, numbers as JSON numbers: all read alike."""
+    original = _Tables.record
+
+    def other_shape(self, table, columns, row):
+        record = original(self, table, columns, row)
+        values = {k: (int(v) if v.lstrip("-").isdigit() else v) for k, v in record["tables"][table].items()}
+        return {"id": str(record["id"]), "name": table.upper(), "tables": {table.upper(): values}}
+
+    numbers = students(sync, 7)
+    monkeypatch.setattr(_Tables, "record", other_shape)
+    result = sync.run("--all")
+    assert result.code == 0, result.output
+    assert all(sync.server.user(email(n)) for n in numbers)
+
+
+# --------------------------------------------------------------------------------------------
+# Short reads, limits and faults
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_short_page_is_read_again_once(sync, api):
+    numbers = students(sync, 12)
+    api.add_fault("short", r"/students$", page=2)
+    result = sync.run("--all")
+    assert result.code == 0, result.output
+    assert all(sync.server.user(email(n)) for n in numbers)
+    assert api.count(r"^/ws/schema/table/students/count$") == 2
+
+
+def test_a_short_read_twice_stops_the_run_before_any_change(sync, api):
+    numbers = students(sync, 12)
+    for number in numbers:
+        sync.account(number)
+    api.add_fault("short", r"/students$", page=3, times=2)
+    sync.server.clear_requests()
+    result = sync.run("--all")
+    assert result.code == 2
+    assert re.search(r"12 students?.*count|count.*12", result.output, re.IGNORECASE), result.output
+    assert not sync.writes()
+    assert not any(sync.server.user(email(n))["suspended"] for n in numbers)
+
+
+def test_429_with_retry_after_is_honoured(sync, api):
+    numbers = students(sync, 6)
+    api.add_fault("429", r"/students$", page=2, retry_after="1")
+    result = sync.run("--all")
+    assert result.code == 0, result.output
+    assert all(sync.server.user(email(n)) for n in numbers)
+    statuses = [r.status for r in student_pages(api) if r.query.get("page") == "2"]
+    assert statuses == [429, 200]
+
+
+def test_the_request_interval_of_the_server_is_respected(sync, monkeypatch):
+    monkeypatch.setenv("POWERSCHOOL_CLIENT_ID", CLIENT_ID)
+    monkeypatch.setenv("POWERSCHOOL_CLIENT_SECRET", CLIENT_SECRET)
+    numbers = students(sync, 12)
+    with start_api(sync, min_interval_ms=100) as server:
+        sync.settings(api_settings(server, max_requests_per_second=4))
+        result = sync.run("--all")
+    assert result.code == 0, result.output
+    assert all(sync.server.user(email(n)) for n in numbers)
+    assert len([r for r in student_pages(server) if r.status == 200]) == 3
+
+
+def test_5xx_answers_are_retried(sync, api):
+    numbers = students(sync, 6)
+    api.add_fault("status", r"/students$", page=1, status=503, times=2)
+    api.add_fault("status", r"/count$", status=500)
+    result = sync.run("--all")
+    assert result.code == 0, result.output
+    assert all(sync.server.user(email(n)) for n in numbers)
+
+
+def test_a_token_expiring_mid_read_gets_one_new_token(sync, api):
+    numbers = students(sync, 12)
+    api.add_fault("expire", r"/students$", page=2)
+    result = sync.run("--all")
+    assert result.code == 0, result.output
+    assert all(sync.server.user(email(n)) for n in numbers)
+    assert api.count(r"^/oauth/access_token$", status=200) == 2
+
+
+def test_a_token_refused_again_after_renewal_is_exit_2(sync, api):
+    students(sync, 12)
+    api.add_fault("expire", r"/students$", times=20)
+    result = sync.run("--all")
+    assert result.code == 2
+    assert "401" in result.output or "token" in result.output.lower()
+    assert not sync.writes()
+
+
+def test_a_column_the_plugin_lacks_is_exit_2_naming_it(sync, api):
+    students(sync, 3)
+    api.revoke("students", "classof")
+    result = sync.run("--all")
+    assert result.code == 2
+    assert "CLASSOF" in result.output.upper() and "plugin" in result.output.lower()
+    assert not sync.writes()
+
+
+# --------------------------------------------------------------------------------------------
+# Wrong settings and odd servers: exit 2, clearly
+# --------------------------------------------------------------------------------------------
+
+
+def test_refused_credentials_name_the_variables_never_the_secret(sync, api, monkeypatch):
+    students(sync, 3)
+    monkeypatch.setenv("POWERSCHOOL_CLIENT_SECRET", "wrong-" + CLIENT_SECRET)
+    result = sync.run("--all")
+    assert result.code == 2
+    assert "POWERSCHOOL_CLIENT_ID" in result.output and "POWERSCHOOL_CLIENT_SECRET" in result.output
+    assert CLIENT_SECRET not in result.output
+    for path in (sync.folder / "logs").glob("*.log"):
+        assert CLIENT_SECRET not in path.read_text(encoding="utf-8")
+
+
+def test_a_missing_client_secret_variable_is_named(sync, api, monkeypatch):
+    monkeypatch.delenv("POWERSCHOOL_CLIENT_SECRET")
+    result = sync.run("--all")
+    assert result.code == 2 and "POWERSCHOOL_CLIENT_SECRET" in result.output
+
+
+def test_an_unreachable_url_is_exit_2(sync, api):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    sync.settings({"powerschool": {"source": "api", "url": f"http://127.0.0.1:{port}", "sqlite": None}})
+    result = sync.run("--all")
+    assert result.code == 2
+    assert f"127.0.0.1:{port}" in result.output
+
+
+def test_a_url_that_is_not_powerschool_is_exit_2(sync, api):
+    """The Directory API server answers 404 where PowerSchool's API would be."""
+    sync.settings({"powerschool": {"source": "api", "url": sync.server.url.rstrip("/"), "sqlite": None}})
+    result = sync.run("--all")
+    assert result.code == 2
+    assert "[powerschool] url" in result.output
+
+
+def test_an_html_answer_is_exit_2(sync, api):
+    students(sync, 3)
+    api.add_fault("html", r"/ws/v1/metadata$")
+    result = sync.run("--all")
+    assert result.code == 2
+    assert "HTML" in result.output
+
+
+def test_plain_http_is_refused_for_a_server_that_is_not_local(sync):
+    sync.settings({"powerschool": {"source": "api", "url": "http://ps.d118.org", "sqlite": None}})
+    result = sync.run("--all")
+    assert result.code == 2 and "https" in result.output
+
+
+def test_api_settings_need_a_url(sync):
+    sync.settings({"powerschool": {"source": "api", "sqlite": None}})
+    result = sync.run("--all")
+    assert result.code == 2 and "url" in result.output
+
+
+def test_an_unknown_source_is_a_settings_error(sync):
+    sync.settings({"powerschool": {"source": "rest"}})
+    result = sync.run("--all")
+    assert result.code == 2 and "source" in result.output
+
+
+# --------------------------------------------------------------------------------------------
+# --check
+# --------------------------------------------------------------------------------------------
+
+
+def test_check_with_the_api_source(sync, api):
+    students(sync, 4, school=101)
+    students_102 = [42000, 42001]
+    for number in students_102:
+        sync.student(number, school=102, grade=7)
+    result = sync.run("--check")
+    assert result.code == 0, result.output
+    text = result.output
+    assert re.search(r"OK .*token", text, re.IGNORECASE)
+    assert re.search(r"OK .*page size 5|OK .*maximum page size.*5", text, re.IGNORECASE), text
+    assert re.search(r"OK .*access to .*(11|every)", text, re.IGNORECASE), text
+    assert "101: 4" in text and "102: 2" in text
+
+
+def test_check_names_a_column_the_plugin_lacks(sync, api):
+    students(sync, 2)
+    api.revoke("students", "grade_level")
+    result = sync.run("--check")
+    assert result.code == 2
+    assert re.search(r"FAIL .*GRADE_LEVEL", result.output, re.IGNORECASE), result.output
