@@ -4,11 +4,14 @@ Builds a sample PowerSchool (SQLite) and starts a local Directory API server wit
 accounts, then runs student_sync.py exactly as a district would: a dry run, the real
 run, and a second run that finds nothing to do.
 
-    python demo.py            # keeps its files in a temporary folder and prints where
+    python demo.py                # keeps its files in a temporary folder and prints where
+    python demo.py --source api   # PowerSchool read through the local plugin REST API server
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import datetime as dt
 import os
 import subprocess
@@ -18,29 +21,53 @@ from pathlib import Path
 
 from testkit import district
 from testkit.directory_server import DirectoryServer
+from testkit.powerschool_api import PowerSchoolApiServer
 
 HERE = Path(__file__).resolve().parent
+
+
+# The PowerSchool plugin's client ID and secret, as a district sets them (README): the demo's
+# own, for its local PowerSchool API server only.
+DEMO_CLIENT = {"POWERSCHOOL_CLIENT_ID": "demo-client-0001", "POWERSCHOOL_CLIENT_SECRET": "demo-secret-0001"}
 
 
 def run_sync(settings: Path, *arguments: str) -> int:
     """student_sync.py in a child process, as Task Scheduler would start it."""
     command = [sys.executable, str(HERE / "student_sync.py"), "--all", "--config", str(settings), *arguments]
     print(f"\n$ python student_sync.py --all {' '.join(arguments)}", flush=True)
-    environment = dict(os.environ, NEW_USER_PASSWORD="Demo-Start-2026!")
+    environment = dict(os.environ, NEW_USER_PASSWORD="Demo-Start-2026!", **DEMO_CLIENT)
     return subprocess.run(command, env=environment).returncode
+
+
+def powerschool_settings(folder: Path, source: str, stack: contextlib.ExitStack) -> dict:
+    """The [powerschool] section: the SQLite copy, or a local PowerSchool API server over it."""
+    database = folder / "powerschool.sqlite3"
+    if source == "sqlite":
+        return {"sqlite": str(database)}
+    api = stack.enter_context(PowerSchoolApiServer(
+        database, client_id=DEMO_CLIENT["POWERSCHOOL_CLIENT_ID"],
+        client_secret=DEMO_CLIENT["POWERSCHOOL_CLIENT_SECRET"], max_page_size=50))
+    print(f"PowerSchool plugin API at {api.url} (pages of up to 50 students)")
+    return {"source": "api", "url": api.url, "sqlite": None}
 
 
 def writes(server: DirectoryServer) -> int:
     return sum(1 for r in server.requests if r.method in ("POST", "PUT", "PATCH", "DELETE"))
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python demo.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--source", choices=("sqlite", "api"), default="sqlite",
+                        help="read PowerSchool from its SQLite copy (default) or through the plugin "
+                             "REST API (a local server over the same copy)")
+    args = parser.parse_args(argv)
     folder = Path(tempfile.mkdtemp(prefix="student_sync_demo_"))
     today = dt.date.today()
     senior_class = today.year + (1 if today.month >= 7 else 0)
-    with DirectoryServer(domain=district.DOMAIN) as server:
+    with DirectoryServer(domain=district.DOMAIN) as server, contextlib.ExitStack() as stack:
         cases = district.build_demo_district(folder, server, senior_class)
-        settings = district.write_settings(folder / "student_sync.toml", server.url)
+        settings = district.write_settings(folder / "student_sync.toml", server.url,
+                                           {"powerschool": powerschool_settings(folder, args.source, stack)})
         print(f"Sample district in {folder}: {len(server.users())} Google accounts, local Directory API "
               f"at {server.url}")
         for case, numbers in cases.items():

@@ -14,6 +14,7 @@ Sections, top to bottom, each using only names from itself and the ones above it
   Prelude: exit codes, the exceptions that stop a run, helpers for text, numbers, hosts
   Settings: the TOML file as frozen records, every key checked at load
   PowerSchool: school and student rows, the scope, the two queries, the connection
+  PowerSchool API: the same tables through PowerSchool's plugin REST API (hosted districts)
   Google: credentials, errors, rate limit and retries, the client, the directory read
   Plan: SPEC section 3's rules as pure functions, from rows and accounts to changes
   Safety rules: when a plan must not be applied without --allow-mass-changes (pure)
@@ -40,6 +41,7 @@ import ipaddress
 import itertools
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -161,6 +163,11 @@ class PowerSchoolSettings:
     dsn_env: str
     sqlite: Path | None
     connect_timeout: float
+    source: str = "oracle"                 # "oracle" | "api" | "sqlite"
+    url: str | None = None                 # the PowerSchool server, for source = "api"
+    client_id_env: str = "POWERSCHOOL_CLIENT_ID"
+    client_secret_env: str = "POWERSCHOOL_CLIENT_SECRET"
+    max_requests_per_second: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -257,6 +264,11 @@ _SETTINGS_KEYS: dict[str, dict[str, tuple[str, Any]]] = {
         "dsn_env": ("str", "POWERSCHOOL_PROD_DB"),
         "sqlite": ("str", None),
         "connect_timeout": ("positive", 30),
+        "source": ("str", None),
+        "url": ("str", None),
+        "client_id_env": ("str", "POWERSCHOOL_CLIENT_ID"),
+        "client_secret_env": ("str", "POWERSCHOOL_CLIENT_SECRET"),
+        "max_requests_per_second": ("positive", 10),
     },
     "google": {
         "domain": ("str", None),
@@ -470,10 +482,38 @@ def _local_path(name: str | None, base: Path) -> Path | None:
     return candidate if candidate.is_absolute() else base / candidate
 
 
+_SOURCES = ("oracle", "api", "sqlite")
+
+
 def _powerschool_settings(ps: Mapping[str, Any], base: Path) -> PowerSchoolSettings:
+    """[powerschool]: the source (SPEC 5 and 9) and the keys it needs.  A given `sqlite` path
+    implies source = "sqlite" unless a source is named."""
+    sqlite_path = _local_path(ps["sqlite"], base)
+    source = ps["source"] if ps["source"] is not None else ("sqlite" if sqlite_path else "oracle")
+    if source not in _SOURCES:
+        raise SettingsError(f'settings: [powerschool] source: "{source}" must be "oracle", "api" or "sqlite"')
+    if source == "sqlite" and sqlite_path is None:
+        raise SettingsError('settings: [powerschool] sqlite is missing (needed with source = "sqlite")')
+    url = ps["url"]
+    if source == "api":
+        if not url or not url.strip():
+            raise SettingsError('settings: [powerschool] url is missing (needed with source = "api": the '
+                                'PowerSchool server, e.g. "https://ps.d118.org")')
+        url = url.strip().rstrip("/")
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise SettingsError(f'settings: [powerschool] url: "{url}" must look like "https://ps.d118.org"')
+        if parts.scheme == "http" and not _is_loopback(parts.hostname):
+            raise SettingsError(f'settings: [powerschool] url: "{url}" would carry the plugin\'s client secret '
+                                "and tokens unencrypted: use https://")
+    for key in ("client_id_env", "client_secret_env"):
+        if not ps[key].strip():
+            raise SettingsError(f"settings: [powerschool] {key} must name an environment variable")
     return PowerSchoolSettings(
         user_env=ps["user_env"], password_env=ps["password_env"], dsn_env=ps["dsn_env"],
-        sqlite=_local_path(ps["sqlite"], base), connect_timeout=ps["connect_timeout"],
+        sqlite=sqlite_path, connect_timeout=ps["connect_timeout"], source=source, url=url,
+        client_id_env=ps["client_id_env"].strip(), client_secret_env=ps["client_secret_env"].strip(),
+        max_requests_per_second=ps["max_requests_per_second"],
     )
 
 
@@ -703,7 +743,7 @@ def read_students(connection: Any, scope: Scope, schools: Mapping[int, School]) 
 def connect_powerschool(settings: Settings) -> Any:
     """Open a DB-API connection: the SQLite copy when configured, else Oracle (thin mode)."""
     ps = settings.powerschool
-    if ps.sqlite is not None:
+    if ps.source == "sqlite" and ps.sqlite is not None:
         if not ps.sqlite.is_file():
             raise SourceError(f"PowerSchool: SQLite database {ps.sqlite} not found ([powerschool] sqlite)")
         try:
@@ -774,6 +814,439 @@ def _describe_db_error(error: BaseException) -> str:
 
 def _is_db_error(exc: BaseException) -> bool:
     return isinstance(exc, sqlite3.Error) or type(exc).__module__.startswith("oracledb")
+
+
+# =============================================================================
+# PowerSchool API
+# =============================================================================
+# The same two tables through PowerSchool's plugin REST API (SPEC section 9), for districts
+# whose hosted PowerSchool offers no database connection: a client-credentials token, the
+# metadata's page size, each table read whole in pages (count first, an explicit projection,
+# a stable sort on the key), every value turned back from text, and the scope applied here,
+# with the same district-wide weighing as the SQL.  A read that does not add up to the count
+# is repeated once and is then an error: a short read must never look like students leaving.
+
+_API_TABLES: dict[str, tuple[str, ...]] = {
+    "schools": ("school_number", "name", "abbreviation", "state_excludefromreporting"),
+    "students": ("student_number", "first_name", "last_name", "classof", "enroll_status",
+                 "schoolid", "grade_level"),
+}
+_API_TEXT_COLUMNS = frozenset({"name", "abbreviation", "first_name", "last_name"})
+_API_SORT = "dcid"               # the tables' key: a stable order from page to page
+_API_DEFAULT_PAGE_SIZE = 100     # when the metadata does not say
+_API_ATTEMPTS = 5                # tries of one request through 5xx and network errors
+_API_MAX_WAITS = 12              # 429 answers one request may wait through
+_API_MAX_RETRY_AFTER = 300.0     # seconds; a longer Retry-After is an error
+_API_WORKERS = 4                 # pages in flight at once, under max_requests_per_second
+
+
+class _Pacer:
+    """Requests start at least 1/rate seconds apart, across threads; a Retry-After holds
+    every thread back."""
+
+    def __init__(self, rate: float, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep):
+        self.interval = 1.0 / rate
+        self._clock, self._sleep = clock, sleep
+        self._next = 0.0
+        self._lock = threading.Lock()
+
+    def wait(self) -> None:
+        with self._lock:
+            now = self._clock()
+            start = max(now, self._next)
+            self._next = start + self.interval
+        if start > now:
+            self._sleep(start - now)
+
+    def hold(self, seconds: float) -> None:
+        with self._lock:
+            self._next = max(self._next, self._clock() + seconds)
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Seconds from a Retry-After header: a number of seconds or an HTTP date."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value.strip()))
+    except ValueError:
+        pass
+    import email.utils
+
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.timezone.utc)
+    return max(0.0, (when - dt.datetime.now(dt.timezone.utc)).total_seconds())
+
+
+def _api_value(column: str, value: Any) -> Any:
+    """A column's value as the database holds it: the API sends text ("12345", "-1")."""
+    if value is None or column in _API_TEXT_COLUMNS or not isinstance(value, str):
+        return value
+    number = _as_int(value)
+    return number if number is not None else value
+
+
+def _missing_field(body: Any, text: str, columns: Iterable[str]) -> str | None:
+    """The column a 403 names: errors[].field, else a requested column in the message."""
+    if isinstance(body, dict):
+        for error in body.get("errors") or ():
+            if isinstance(error, dict) and error.get("field"):
+                resource = str(error.get("resource") or "").upper()
+                return (f"{resource}." if resource else "") + str(error["field"]).upper()
+    for column in sorted(columns, key=len, reverse=True):
+        if re.search(rf"(?<![A-Za-z0-9_]){re.escape(column)}(?![A-Za-z0-9_])", text, re.IGNORECASE):
+            return column.upper()
+    return None
+
+
+class PowerSchoolApi:
+    """One PowerSchool server's plugin API: token, paced and retried GETs, whole-table reads.
+
+    Secrets stay inside: messages name the environment variables, never their values.
+    """
+
+    def __init__(self, settings: Settings, client_id: str, client_secret: str):
+        import requests
+
+        self._requests = requests
+        ps = settings.powerschool
+        self.url = ps.url or ""
+        self.variables = f"{ps.client_id_env} and {ps.client_secret_env}"
+        self.timeout = (ps.connect_timeout, max(60.0, ps.connect_timeout))
+        self.rate = ps.max_requests_per_second
+        self._credentials = (client_id, client_secret)
+        self._pacer = _Pacer(self.rate)
+        self._local = threading.local()
+        self._sessions: list[Any] = []
+        self._token: str | None = None
+        self._token_lock = threading.Lock()
+        self._renew_lock = threading.Lock()
+        self.renewals = 0
+        self.requests = 0
+        self.page_size = _API_DEFAULT_PAGE_SIZE
+        self.version = ""
+
+    # connection --------------------------------------------------------------------------
+    def open(self) -> "PowerSchoolApi":
+        """The token and the metadata (page size, version): a wrong url or refused
+        credentials stop here."""
+        self._new_token()
+        metadata = self.get("/ws/v1/metadata", {}, what="the API metadata")
+        inner = metadata.get("metadata", metadata) if isinstance(metadata, dict) else {}
+        size = _as_int(inner.get("schema_table_query_max_page_size")) if isinstance(inner, dict) else None
+        if size is not None and size > 0:
+            self.page_size = size
+        else:
+            log.warning("PowerSchool: the API metadata has no schema_table_query_max_page_size; "
+                        "reading pages of %d", self.page_size)
+        self.version = str(inner.get("powerschool_version") or "") if isinstance(inner, dict) else ""
+        return self
+
+    def close(self) -> None:
+        for session in self._sessions:
+            session.close()
+
+    def __enter__(self) -> "PowerSchoolApi":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _session(self) -> Any:
+        session = getattr(self._local, "session", None)
+        if session is None:
+            session = self._requests.Session()
+            session.headers["Accept"] = "application/json"
+            self._local.session = session
+            with self._token_lock:
+                self._sessions.append(session)
+        return session
+
+    def _unreachable(self, exc: Exception) -> SourceError:
+        kind = "no answer in time" if isinstance(exc, self._requests.Timeout) else \
+            "connection refused" if "refused" in str(exc).lower() else type(exc).__name__
+        return SourceError(f"PowerSchool: cannot reach {self.url} ({kind}): is [powerschool] url the "
+                           "PowerSchool server's address, and is it up?")
+
+    def _new_token(self) -> None:
+        """POST /oauth/access_token with the plugin's client ID and secret (HTTP Basic)."""
+        url = self.url + "/oauth/access_token"
+        for attempt in range(_API_ATTEMPTS):
+            self._pacer.wait()
+            self.requests += 1
+            try:
+                answer = self._session().post(
+                    url, auth=self._credentials, data={"grant_type": "client_credentials"},
+                    headers={"Content-Type": "application/x-www-form-urlencoded;charset=UTF-8"},
+                    timeout=self.timeout)
+            except self._requests.RequestException as exc:
+                if attempt + 1 >= (2 if "refused" in str(exc).lower() else _API_ATTEMPTS):
+                    raise self._unreachable(exc) from None
+                time.sleep(self._backoff(attempt))
+                continue
+            if answer.status_code >= 500 or answer.status_code == 429:
+                if attempt + 1 < _API_ATTEMPTS:
+                    time.sleep(_retry_after(answer.headers.get("Retry-After")) or self._backoff(attempt))
+                    continue
+            break
+        if answer.status_code in (400, 401, 403):
+            raise SourceError(
+                f"PowerSchool refused the plugin's client ID and secret (HTTP {answer.status_code}): "
+                f"check the environment variables {self.variables} (copy them again from the plugin's "
+                "Data Configuration page in PowerSchool; is the plugin enabled?)")
+        body = self._json(answer, "/oauth/access_token", "a token")
+        token = body.get("access_token") if isinstance(body, dict) else None
+        if not isinstance(token, str) or not token:
+            raise SourceError(f"PowerSchool: {url} answered without an access_token: is [powerschool] "
+                              "url the PowerSchool server's address?")
+        with self._token_lock:
+            self._token = token
+
+    @staticmethod
+    def _backoff(attempt: int) -> float:
+        return min(0.5 * 2 ** attempt, 8.0) + random.random() * 0.5
+
+    def _json(self, answer: Any, path: str, what: str) -> Any:
+        """The answer's JSON, or an error saying what came instead."""
+        if answer.status_code == 404:
+            raise SourceError(f"PowerSchool: {self.url}{path} was not found (HTTP 404) while reading {what}: "
+                              "is [powerschool] url the PowerSchool server's address?")
+        kind = answer.headers.get("Content-Type", "")
+        if answer.status_code >= 400:
+            raise SourceError(f"PowerSchool: HTTP {answer.status_code} from {path} while reading {what}: "
+                              f"{self._message(answer)}")
+        if "html" in kind.lower() or answer.text.lstrip()[:1] == "<":
+            raise SourceError(f"PowerSchool: {self.url}{path} answered with an HTML page, not the API's JSON, "
+                              "while reading " + what + ": is [powerschool] url the PowerSchool server's "
+                              "address (not a sign-in page or a proxy)?")
+        try:
+            return answer.json()
+        except ValueError:
+            raise SourceError(f"PowerSchool: {path} answered with something that is not JSON while "
+                              f"reading {what}") from None
+
+    @staticmethod
+    def _message(answer: Any) -> str:
+        try:
+            body = answer.json()
+        except ValueError:
+            return re.sub(r"\s+", " ", re.sub(r"<[^>]*>", " ", answer.text)).strip()[:200] or answer.reason
+        if isinstance(body, dict):
+            inner = body.get("errorMessage") if isinstance(body.get("errorMessage"), dict) else body
+            return str(inner.get("message") or inner.get("error_description") or inner.get("error") or body)[:300]
+        return str(body)[:300]
+
+    # requests ----------------------------------------------------------------------------
+    def get(self, path: str, params: Mapping[str, Any], *, what: str,
+            columns: Iterable[str] = ()) -> Any:
+        """GET a JSON answer: paced, 429 waited out, 5xx and network errors retried with
+        backoff, one new token on 401; anything else is a SourceError saying what to do."""
+        renewed = False
+        waits = 0
+        attempt = 0
+        while True:
+            self._pacer.wait()
+            token = self._token
+            self.requests += 1
+            try:
+                answer = self._session().get(self.url + path, params=params, timeout=self.timeout,
+                                             headers={"Authorization": f"Bearer {token}"})
+            except self._requests.RequestException as exc:
+                attempt += 1
+                if attempt >= (2 if "refused" in str(exc).lower() else _API_ATTEMPTS):
+                    raise self._unreachable(exc) from None
+                time.sleep(self._backoff(attempt - 1))
+                continue
+            status = answer.status_code
+            if status == 401 and not renewed:
+                renewed = True
+                self._renew(token)
+                continue
+            if status == 401:
+                raise SourceError(f"PowerSchool refused a new token too (HTTP 401 from {path}): is the plugin "
+                                  f"still enabled? (client ID and secret in {self.variables})")
+            if status == 429 and waits < _API_MAX_WAITS:
+                waits += 1
+                wait = _retry_after(answer.headers.get("Retry-After"))
+                if wait is not None and wait > _API_MAX_RETRY_AFTER:
+                    raise SourceError(f"PowerSchool asks to wait {wait:.0f} s before the next request "
+                                      f"(HTTP 429 from {path}): try again later")
+                wait = self._backoff(waits - 1) if wait is None else wait
+                log.debug("PowerSchool: %s refused as too soon (429); waiting %.1f s", path, wait)
+                self._pacer.hold(wait)
+                continue
+            if status >= 500 and attempt + 1 < _API_ATTEMPTS:
+                attempt += 1
+                wait = self._backoff(attempt - 1)
+                log.debug("PowerSchool: HTTP %d from %s; retrying in %.1f s", status, path, wait)
+                time.sleep(wait)
+                continue
+            if status == 403:
+                raise SourceError(self._forbidden(answer, path, columns))
+            return self._json(answer, path, what)
+
+    def _renew(self, used: str | None) -> None:
+        """One new token for every thread that saw the old one refused."""
+        with self._renew_lock:
+            if self._token != used:
+                return  # another thread renewed it already
+            self.renewals += 1
+            log.info("PowerSchool: the access token was refused (expired?); asking for a new one")
+            self._new_token()
+
+    def _forbidden(self, answer: Any, path: str, columns: Iterable[str]) -> str:
+        try:
+            body = answer.json()
+        except ValueError:
+            body = None
+        message = self._message(answer)
+        field_name = _missing_field(body, message, columns)
+        if field_name:
+            return (f"PowerSchool: the plugin has no access to the field {field_name} (HTTP 403 from {path}: "
+                    f"{message}). Install the plugin.xml of powerschool-plugin/ (it grants ViewOnly on every "
+                    "column student_sync reads) and approve its access request in PowerSchool's Plugin "
+                    "Management")
+        return (f"PowerSchool: HTTP 403 from {path}: {message} (does the plugin grant ViewOnly on every "
+                "column of powerschool-plugin/plugin.xml, and is it enabled?)")
+
+    # tables ------------------------------------------------------------------------------
+    def count(self, table: str) -> int:
+        body = self.get(f"/ws/schema/table/{table}/count", {}, what=f"the {table.upper()} count")
+        value = body.get("count") if isinstance(body, dict) else None
+        if value is None and isinstance(body, dict) and isinstance(body.get("resource"), dict):
+            value = body["resource"].get("count")
+        number = _as_int(value)
+        if number is None or number < 0:
+            raise SourceError(f"PowerSchool: /ws/schema/table/{table}/count answered {str(body)[:100]!r}, "
+                              "not a count")
+        return number
+
+    def page(self, table: str, columns: Sequence[str], page: int, size: int) -> list[tuple[Any, dict[str, Any]]]:
+        """One page as (record id, {column: value}) pairs; a page past the end is empty."""
+        params = {"projection": ",".join(columns), "page": page, "pagesize": size, "sort": _API_SORT}
+        body = self.get(f"/ws/schema/table/{table}", params, what=f"{table.upper()} page {page}",
+                        columns=columns)
+        records = body.get("record") if isinstance(body, dict) else None
+        if records is None:
+            return []
+        if not isinstance(records, list):
+            raise SourceError(f"PowerSchool: {table.upper()} page {page} has a record that is not a list")
+        return [self._row(table, record) for record in records]
+
+    @staticmethod
+    def _row(table: str, record: Any) -> tuple[Any, dict[str, Any]]:
+        tables = record.get("tables") if isinstance(record, dict) else None
+        if not isinstance(tables, dict):
+            raise SourceError(f"PowerSchool: a {table.upper()} record without tables: {str(record)[:100]}")
+        values = next((v for k, v in tables.items() if str(k).lower() == table), None)
+        if values is None and len(tables) == 1:
+            values = next(iter(tables.values()))
+        if not isinstance(values, dict):
+            raise SourceError(f"PowerSchool: a {table.upper()} record without its columns: {str(record)[:100]}")
+        row = {str(k).lower(): v for k, v in values.items()}
+        key = record.get("id")
+        return (str(key) if key is not None else None), {c: _api_value(c, row.get(c)) for c in row}
+
+    def read_table(self, table: str) -> list[dict[str, Any]]:
+        """Every row of `table` (the columns student_sync reads), checked against the count
+        and read again once when it falls short."""
+        columns = _API_TABLES[table]
+        for attempt in (1, 2):
+            expected = self.count(table)
+            pages = max(1, math.ceil(expected / self.page_size))
+            workers = max(1, min(_API_WORKERS, pages))
+            with concurrent.futures.ThreadPoolExecutor(max_workers=workers,
+                                                       thread_name_prefix="powerschool") as pool:
+                results = list(pool.map(lambda n: self.page(table, columns, n, self.page_size),
+                                        range(1, pages + 1)))
+            rows = [pair for result in results for pair in result]
+            keys = [key for key, _ in rows if key is not None]
+            if len(rows) == expected and len(set(keys)) == len(keys):
+                log.debug("PowerSchool: %d %s rows in %d pages", expected, table.upper(), pages)
+                return [values for _, values in rows]
+            log.warning("PowerSchool: read %d %s rows (%d distinct) where the API counts %d%s",
+                        len(rows), table.upper(), len(set(keys)) if keys else len(rows), expected,
+                        "; reading the table again" if attempt == 1 else "")
+        raise SourceError(
+            f"PowerSchool: the API gave {len(rows)} {table.upper()} rows where it counts {expected}, twice "
+            "in a row; a short read is not taken as students leaving, so nothing was changed. Try again "
+            "later (is PowerSchool being changed or restarted?)")
+
+
+def _api_credentials(settings: Settings) -> tuple[str, str]:
+    """The plugin's client ID and secret from the environment variables named in [powerschool]."""
+    ps = settings.powerschool
+    values = []
+    for key, variable in (("client_id_env", ps.client_id_env), ("client_secret_env", ps.client_secret_env)):
+        value = os.environ.get(variable, "")
+        if not value:
+            raise SourceError(f"PowerSchool: environment variable {variable} is not set (the plugin's "
+                              f"{'client ID' if key == 'client_id_env' else 'client secret'}; named by "
+                              f"[powerschool] {key}; see README, PowerSchool through its REST API)")
+        values.append(value)
+    return values[0], values[1]
+
+
+def open_powerschool_api(settings: Settings) -> PowerSchoolApi:
+    """A connected API client: token and metadata read."""
+    client_id, client_secret = _api_credentials(settings)
+    api = PowerSchoolApi(settings, client_id, client_secret)
+    try:
+        return api.open()
+    except BaseException:
+        api.close()
+        raise
+
+
+def read_api_schools(api: PowerSchoolApi) -> dict[int, School]:
+    """All SCHOOLS rows keyed by school number, as read_schools gives them."""
+    schools = {}
+    for row in api.read_table("schools"):
+        number = _as_int(row.get("school_number"))
+        if number is None:
+            log.warning("PowerSchool: SCHOOLS row with school number %r ignored", row.get("school_number"))
+            continue
+        schools[number] = School(number=number, name=_clean_spaces(row.get("name")),
+                                 abbreviation=_clean_spaces(row.get("abbreviation")),
+                                 state_excluded=_as_int(row.get("state_excludefromreporting")) == 1)
+    return schools
+
+
+def read_api_students(api: PowerSchoolApi, scope: Scope, schools: Mapping[int, School]) -> list[StudentRow]:
+    """The scope's rows and every other row of the same students, as read_students gives
+    them: the whole table is read and the scope applied here."""
+    rows = []
+    for values in api.read_table("students"):
+        school_number = _as_int(values.get("schoolid"))
+        rows.append(StudentRow(
+            student_number=values.get("student_number"), first_name=values.get("first_name"),
+            last_name=values.get("last_name"), class_of=values.get("classof"),
+            enroll_status=values.get("enroll_status"), school_id=values.get("schoolid"),
+            grade_level=values.get("grade_level"),
+            school=schools.get(school_number) if school_number is not None else None))
+    in_scope = [r.school is not None and r.school.number in scope.school_numbers for r in rows]
+    numbers = {_as_int(r.student_number) for r, inside in zip(rows, in_scope) if inside} - {None}
+    return [r for r, inside in zip(rows, in_scope) if inside or _as_int(r.student_number) in numbers]
+
+
+def check_api_access(api: PowerSchoolApi) -> list[str]:
+    """The columns the plugin cannot read ("TABLE.COLUMN"), one small request per column."""
+    missing = []
+    for table, columns in _API_TABLES.items():
+        for column in columns:
+            try:
+                api.get(f"/ws/schema/table/{table}", {"projection": column, "page": 1, "pagesize": 1},
+                        what=f"{table.upper()}.{column.upper()}", columns=(column,))
+            except SourceError as exc:
+                if "no access" not in str(exc).lower() and "403" not in str(exc):
+                    raise
+                missing.append(f"{table.upper()}.{column.upper()}")
+    return missing
 
 
 # =============================================================================
@@ -2674,7 +3147,14 @@ class Run:
 
 @contextlib.contextmanager
 def _powerschool(run: Run) -> Iterator[Any]:
-    """An open PowerSchool connection for the block; a driver's error in it becomes a stop."""
+    """An open PowerSchool connection for the block (a PowerSchoolApi with source = "api");
+    a driver's error in it becomes a stop."""
+    if run.settings.powerschool.source == "api":
+        with open_powerschool_api(run.settings) as api:
+            run.source_version = f"PowerSchool {api.version or '(version not given)'}, plugin API at {api.url}"
+            log.debug("PowerSchool: %s, pages of %d", run.source_version, api.page_size)
+            yield api
+        return
     connection = connect_powerschool(run.settings)
     run.source_version = getattr(connection, "version", None) or f"SQLite {sqlite3.sqlite_version}"
     log.debug("PowerSchool: %s", run.source_version)
@@ -2690,16 +3170,45 @@ def _powerschool(run: Run) -> Iterator[Any]:
         connection.close()
 
 
+def _read_school_rows(connection: Any) -> dict[int, School]:
+    """SCHOOLS from a DB-API connection or the plugin API."""
+    return read_api_schools(connection) if isinstance(connection, PowerSchoolApi) else read_schools(connection)
+
+
 def _read_rows(connection: Any, scope: Scope, schools: Mapping[int, School]) -> list[StudentRow]:
+    if isinstance(connection, PowerSchoolApi):
+        rows = read_api_students(connection, scope, schools)
+        log.info("PowerSchool: %d rows for %s (%d schools), read through the API in %d requests",
+                 len(rows), scope.describe(), len(scope.school_numbers), connection.requests)
+        return rows
     rows = read_students(connection, scope, schools)
     log.info("PowerSchool: %d rows for %s (%d schools)", len(rows), scope.describe(), len(scope.school_numbers))
     return rows
 
 
-def _read_powerschool(run: Run, kind: str) -> tuple[Scope, list[StudentRow]]:
-    """The scope and its rows."""
+def _check_api(run: Run, api: PowerSchoolApi, check: Callable[[bool, str], None]) -> None:
+    """--check with source = "api": the token, the metadata, the plugin's access to each column."""
+    ps = run.settings.powerschool
+    check(True, f"PowerSchool API token from {api.url}/oauth/access_token for the client ID and "
+                f"secret in {ps.client_id_env} and {ps.client_secret_env}")
+    check(True, f"PowerSchool API metadata: {run.source_version}; maximum page size {api.page_size}")
+    missing = check_api_access(api)
+    if missing:
+        raise SourceError(
+            f"PowerSchool: the plugin has no access to {', '.join(missing)}: install the plugin.xml of "
+            "powerschool-plugin/ and approve its access request in PowerSchool's Plugin Management")
+    count = sum(len(columns) for columns in _API_TABLES.values())
+    check(True, f"PowerSchool plugin has access to every column student_sync reads ({count})")
+
+
+def _read_powerschool(run: Run, kind: str,
+                      check: Callable[[bool, str], None] | None = None) -> tuple[Scope, list[StudentRow]]:
+    """The scope and its rows.  With `check` (--check), the API source's token, metadata and
+    column access are reported first."""
     with _powerschool(run) as connection:
-        schools = read_schools(connection)
+        if check and isinstance(connection, PowerSchoolApi):
+            _check_api(run, connection, check)
+        schools = _read_school_rows(connection)
         scope = resolve_scope(kind, schools, run.args.building or ())
         return scope, _read_rows(connection, scope, schools)
 
@@ -2866,7 +3375,7 @@ def run_sync(run: Run) -> int:
     args, settings = run.args, run.settings
     today = run.today()
     with _powerschool(run) as connection:
-        schools = read_schools(connection)
+        schools = _read_school_rows(connection)
         scope = resolve_scope(_scope_kind(args), schools, args.building or ())
         # Google's listing is mostly waiting: once PowerSchool has vouched for the scope, the
         # directory is read while the students are read and weighed.
@@ -2988,7 +3497,7 @@ def run_check(run: Run) -> int:
     scope: Scope | None = None
     counts: dict[int, int] = {}
     try:
-        scope, rows = _read_powerschool(run, _scope_kind(run.args) or "all")
+        scope, rows = _read_powerschool(run, _scope_kind(run.args) or "all", report)
         counts = enrolled_counts(rows, scope)
         report(True, f"PowerSchool reachable ({run.source_version}); active students per school for "
                f"{scope.describe()}: "

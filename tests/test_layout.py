@@ -93,7 +93,7 @@ def test_the_file_has_the_sections_the_docstring_names_in_that_order():
     titles = [title for _, title in sections(text)]
     docstring = ast.get_docstring(ast.parse(text)) or ""
     listed = [m.group(1) for m in re.finditer(r"^  ([A-Z][A-Za-z ]+): ", docstring, re.MULTILINE)]
-    assert titles == ["Prelude", "Settings", "PowerSchool", "Google", "Plan", "Safety rules", "Apply",
+    assert titles == ["Prelude", "Settings", "PowerSchool", "PowerSchool API", "Google", "Plan", "Safety rules", "Apply",
                       "Run files", "Report", "Runs", "Command line"]
     assert listed == titles
 
