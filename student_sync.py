@@ -832,7 +832,7 @@ _API_TABLES: dict[str, tuple[str, ...]] = {
                  "schoolid", "grade_level"),
 }
 _API_TEXT_COLUMNS = frozenset({"name", "abbreviation", "first_name", "last_name"})
-_API_SORT = "dcid"               # the tables' key: a stable order from page to page
+_API_SORT = "id"                 # unique in both tables: a stable order from page to page
 _API_DEFAULT_PAGE_SIZE = 100     # when the metadata does not say
 _API_ATTEMPTS = 5                # tries of one request through 5xx and network errors
 _API_MAX_WAITS = 12              # 429 answers one request may wait through
@@ -841,12 +841,15 @@ _API_WORKERS = 4                 # pages in flight at once, under max_requests_p
 
 
 class _Pacer:
-    """Requests start at least 1/rate seconds apart, across threads; a Retry-After holds
-    every thread back."""
+    """Requests start evenly spaced, across threads, a little wider than 1/rate seconds, so
+    that the server, whose arrivals jitter, never sees more than `rate` in a second; a
+    Retry-After holds every thread back."""
+
+    SLACK = 0.05
 
     def __init__(self, rate: float, clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], None] = time.sleep):
-        self.interval = 1.0 / rate
+        self.interval = (1.0 + self.SLACK) / rate
         self._clock, self._sleep = clock, sleep
         self._next = 0.0
         self._lock = threading.Lock()
@@ -978,7 +981,7 @@ class PowerSchoolApi:
         url = self.url + "/oauth/access_token"
         for attempt in range(_API_ATTEMPTS):
             self._pacer.wait()
-            self.requests += 1
+            self._count_request()
             try:
                 answer = self._session().post(
                     url, auth=self._credentials, data={"grant_type": "client_credentials"},
@@ -1006,6 +1009,10 @@ class PowerSchoolApi:
                               "url the PowerSchool server's address?")
         with self._token_lock:
             self._token = token
+
+    def _count_request(self) -> None:
+        with self._token_lock:
+            self.requests += 1
 
     @staticmethod
     def _backoff(attempt: int) -> float:
@@ -1052,7 +1059,7 @@ class PowerSchoolApi:
         while True:
             self._pacer.wait()
             token = self._token
-            self.requests += 1
+            self._count_request()
             try:
                 answer = self._session().get(self.url + path, params=params, timeout=self.timeout,
                                              headers={"Authorization": f"Bearer {token}"})
@@ -1068,8 +1075,9 @@ class PowerSchoolApi:
                 self._renew(token)
                 continue
             if status == 401:
-                raise SourceError(f"PowerSchool refused a new token too (HTTP 401 from {path}): is the plugin "
-                                  f"still enabled? (client ID and secret in {self.variables})")
+                raise SourceError(f"PowerSchool refused a new token too (HTTP 401 from {path}: "
+                                  f"{self._message(answer)}): is the plugin still enabled, with access to the "
+                                  f"API? (client ID and secret in {self.variables})")
             if status == 429 and waits < _API_MAX_WAITS:
                 waits += 1
                 wait = _retry_after(answer.headers.get("Retry-After"))
