@@ -173,6 +173,7 @@ _FAULTS: dict[str, tuple[int, str, str, str]] = {
     "403-rateLimitExceeded": (403, "rateLimitExceeded", "Rate Limit Exceeded", "usageLimits"),
     "403-quotaExceeded": (403, "quotaExceeded", "Quota exceeded for quota metric 'Queries'.",
                           "usageLimits"),
+    "401": (401, "authError", "Invalid Credentials", "global"),
     "500": (500, "backendError", "Internal error encountered.", "global"),
     "502": (502, "backendError", "Bad Gateway", "global"),
     "503": (503, "backendError", UNAVAILABLE, "global"),
@@ -538,6 +539,7 @@ class _State:
         self.customer_id = customer_id
         self.users: dict[str, dict] = {}          # id -> stored resource (full projection)
         self.by_email: dict[str, str] = {}        # lower-case primary email -> id
+        self.by_alias: dict[str, str] = {}        # lower-case alias address -> id
         self.passwords: dict[str, str] = {}       # id -> sha256 of the password
         self.orgunits: dict[str, dict] = {}       # lower-case path -> OU resource
         self.groups: dict[str, dict] = {}         # lower-case email -> group record
@@ -592,9 +594,13 @@ class _State:
         return self.orgunits.get(path.lower())
 
     # users -----------------------------------------------------------------------------------
-    def find_user(self, key: str) -> dict | None:
-        user_id = self.by_email.get(key.lower())
+    def find_user(self, key: str, aliases: bool = True) -> dict | None:
+        """By primary email, alias (as Google: an alias answers with its owner) or id."""
+        user_id = self.by_email.get(key.lower()) or (self.by_alias.get(key.lower()) if aliases else None)
         return self.users.get(user_id or key)
+
+    def address_taken(self, email: str) -> bool:
+        return email.lower() in self.by_email or email.lower() in self.by_alias
 
     def store_user(self, user: dict, old_email: str | None = None) -> None:
         user["etag"] = _etag({k: v for k, v in user.items() if k != "etag"})
@@ -610,6 +616,8 @@ class _State:
         if new_email not in self.by_email:
             self._index_email(new_email)
         self.by_email[new_email] = user["id"]
+        for alias in user.get("aliases") or ():
+            self.by_alias[alias.lower()] = user["id"]
 
     def _index_email(self, email: str) -> None:
         if self._email_index is not None:
@@ -916,7 +924,7 @@ class _DirectoryApi:
         password = body.get("password")
         if body.get("hashFunction") is None or password is None:
             _checked_password(password)
-        if email in self.state.by_email:
+        if self.state.address_taken(email):
             raise ApiError(409, "duplicate", "Entity already exists.")
         ou = self._checked_ou(body.get("orgUnitPath") or "/")
         user = self._new_user(email, given, family, ou)
@@ -937,7 +945,7 @@ class _DirectoryApi:
         old_email = user["primaryEmail"].lower()
         if body.get("primaryEmail") is not None:
             email = self._checked_email(body["primaryEmail"])
-            if email != old_email and email in self.state.by_email:
+            if email != old_email and self.state.address_taken(email):
                 raise ApiError(409, "duplicate", "Entity already exists.")
             new["primaryEmail"] = email
             new["emails"] = [{"address": email, "primary": True}]
@@ -1283,6 +1291,11 @@ class DirectoryServer:
         self._thread: threading.Thread | None = None
         self.latency_ms = latency_ms
         self.faults = faults
+        # A test's say over single calls: hook(method, path) (path URL-decoded, no query) is
+        # called before each call is executed, from the server's threads, and answers like
+        # FaultPlan.draw -- (fault status answered instead, or None; answer 503 after
+        # applying) -- or None to leave the call to ``faults``. It may also act (sleep, signal).
+        self.hook: Callable[[str, str], tuple[int | str | None, bool] | None] | None = None
 
     # lifecycle -------------------------------------------------------------------------------
     def start(self) -> "DirectoryServer":
@@ -1353,11 +1366,17 @@ class DirectoryServer:
     def add_user(self, email: str, given: str, family: str, org_unit: str = "/",
                  suspended: bool = False, custom: dict[str, dict[str, Any]] | None = None, *,
                  password: str = "fixture-password",
-                 change_password_at_next_login: bool = False) -> dict:
-        """Add a user directly (no API validation); creates ``org_unit`` if missing."""
+                 change_password_at_next_login: bool = False,
+                 aliases: list[str] | tuple[str, ...] = ()) -> dict:
+        """Add a user directly (no API validation); creates ``org_unit`` if missing.
+
+        ``aliases``: other addresses of the account; users.get and users.update by an alias
+        answer with this account, and users.insert of an alias address answers 409.
+        """
         with self._lock:
-            if email.lower() in self._state.by_email:
-                raise ValueError(f"user {email} already exists")
+            for address in (email, *aliases):
+                if self._state.address_taken(address):
+                    raise ValueError(f"address {address} is already taken")
             ou = self._state.ensure_ou(org_unit)
             user = self._api._new_user(email.lower(), given, family, ou["orgUnitPath"])
             user["changePasswordAtNextLogin"] = change_password_at_next_login
@@ -1366,6 +1385,8 @@ class DirectoryServer:
                       for schema, fields in (custom or {}).items()}
             if values:
                 user["customSchemas"] = values
+            if aliases:
+                user["aliases"] = [alias.lower() for alias in aliases]
             self._state.passwords[user["id"]] = _digest(password)
             self._state.store_user(user)
             return copy.deepcopy(user)
@@ -1392,9 +1413,9 @@ class DirectoryServer:
 
     # inspection ------------------------------------------------------------------------------
     def user(self, email: str) -> dict | None:
-        """The stored user (full projection, deep copy) by primary email or id."""
+        """The stored user (full projection, deep copy) by primary email or id (not by alias)."""
         with self._lock:
-            user = self._state.find_user(email)
+            user = self._state.find_user(email, aliases=False)
             return copy.deepcopy(user) if user else None
 
     def users(self) -> dict[str, dict]:
@@ -1468,8 +1489,12 @@ class DirectoryServer:
                 body = b""
         if self.latency_ms:
             time.sleep(self.latency_ms / 1000)
-        plan = self.faults
-        before, after = plan.draw(method) if plan else (None, False)
+        plan, hook = self.faults, self.hook
+        said = hook(method, unquote(urlsplit(target).path)) if hook else None
+        if said is not None:
+            before, after = (_fault_key(said[0]) if said[0] is not None else None), said[1]
+        else:
+            before, after = plan.draw(method) if plan else (None, False)
         if before:
             response = _fault_response(before)
         else:
