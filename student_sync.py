@@ -2426,16 +2426,27 @@ class _Failed(Exception):
         self.outcome = outcome
 
 
-class _CountedRequest:
-    """A built request that counts how often it was sent: a create answered 409 after a
-    retry met the account its own lost first try made."""
+def _answer_lost(exc: BaseException) -> bool:
+    """Could the call that raised `exc` have been applied?  Only when its answer was lost:
+    a timeout, a dropped connection, a 5xx.  A 429 or 403 rate-limit refusal was not applied."""
+    if isinstance(exc, _http_error_class()):
+        return _http_error_parts(exc)[0] >= 500
+    return _is_network_error(exc) and not isinstance(exc, ConnectionRefusedError)
+
+
+class _WatchedRequest:
+    """A built request that remembers whether one of its tries lost its answer: a create
+    answered 409, or a group removal answered 404, after such a try met what that try did."""
 
     def __init__(self, request: Any):
-        self.request, self.sends = request, 0
+        self.request, self.answer_lost = request, False
 
     def execute(self, **options: Any) -> Any:
-        self.sends += 1
-        return self.request.execute(**options)
+        try:
+            return self.request.execute(**options)
+        except Exception as exc:
+            self.answer_lost = self.answer_lost or _answer_lost(exc)
+            raise
 
 
 # What a create that met an existing account does instead: given the planned create and
@@ -2506,7 +2517,7 @@ class Applier:
 
     def _create(self, change: Change) -> Outcome:
         users = self.client.resource("users")
-        insert = _CountedRequest(users.insert(body=dict(change.after, password=self._password),
+        insert = _WatchedRequest(users.insert(body=dict(change.after, password=self._password),
                                               fields="primaryEmail"))
         try:
             self.client.call(insert, limiters=(self.creates,))
@@ -2514,15 +2525,20 @@ class Applier:
         except _http_error_class() as exc:
             if _http_error_parts(exc)[0] != 409:
                 raise
-        # 409: the address exists after all.  After a failed try it is our own account
-        # whose answer was lost; on the first try it was there before this run.  Either
-        # way, read it and bring it in step by rule 2.
-        ours = insert.sends > 1
+        # 409: the address exists after all.  After a try whose answer was lost it is our
+        # own account; otherwise it was there before (a 429 refusal created nothing).  Either
+        # way, read it and bring it in step by rule 2 -- unless the address belongs to
+        # another account: a get by an alias answers with the alias's owner.
+        ours = insert.answer_lost
         made: tuple[Change, ...] = (change,) if ours else ()
         note = "created (the first answer was lost)" if ours else "account already existed"
         get = users.get(userKey=change.email, projection="custom",
                         customFieldMask=self.settings.custom_schema.category, fields=_USER_FIELDS)
         account = account_from_resource(self._read_new_account(get), self.settings.custom_schema.category)
+        if account.email.lower() != change.email.lower():
+            return Outcome(change, Status.FAILED, f"address {change.email} is an alias of {account.email}; "
+                           "nothing was changed (remove the alias in the Admin console, then the next run "
+                           "creates the account)", made=())
         if self.reconcile is None:
             # A reviewed plan: no PowerSchool decision to fall back on, only the plan.
             if holds_values(account, {k: v for k, v in change.after.items() if k != "primaryEmail"}):
@@ -2559,12 +2575,14 @@ class Applier:
             # run, seeing it active, removes and suspends again.
             members = self.client.resource("members")
             for group in self._groups_of(change.email):
-                delete = members.delete(groupKey=group, memberKey=change.email)
+                delete = _WatchedRequest(members.delete(groupKey=group, memberKey=change.email))
                 try:
                     self.client.call(delete)
                     removed.append(group)
                 except _http_error_class() as exc:
                     if _http_error_parts(exc)[0] == 404:
+                        if delete.answer_lost:  # our own earlier try removed it
+                            removed.append(group)
                         continue  # already gone
                     return Outcome(change, Status.FAILED, f"removing from group {group}: "
                                            f"{describe_http_error(exc)}; not suspended", groups_removed=tuple(removed))
@@ -3030,9 +3048,11 @@ def summarize(outcomes: Sequence[Outcome], notices: Sequence[Notice], unchanged:
               dry_run: bool, seconds: float, unowned: int = 0) -> Summary:
     counts: Counter[str] = Counter()
     for outcome in outcomes:
+        # What was really sent: a create answered 409 counts as its follow-up, if any.
         if outcome.ok or (dry_run and outcome.status == Status.PLANNED):
-            counts.update(outcome.change.labels)
-            counts["group removals"] += len(outcome.groups_removed)
+            counts.update(label for change in outcome.sent for label in change.labels)
+        # A removal stays made when the suspension after it failed.
+        counts["group removals"] += len(outcome.groups_removed)
     levels = Counter(n.level for n in notices)
     return Summary(counts=counts, unchanged=unchanged, skipped=levels[Level.SKIP], warnings=levels[Level.WARNING],
                    failures=len(failed_students(notices, outcomes)), stale=sum(o.status == Status.STALE for o in outcomes),
