@@ -10,12 +10,19 @@ run, and a second run that finds nothing to do.
 
 from __future__ import annotations
 
+import sys
+
+if sys.version_info[:2] < (3, 11):  # before anything that needs a newer Python
+    sys.stderr.write(f"Python 3.11 or newer is needed (this is Python {sys.version_info[0]}.{sys.version_info[1]}): "
+                     "install it from python.org and run the demo with it, in a virtual environment "
+                     "(see README, \"Try it\")\n")
+    raise SystemExit(2)
+
 import argparse
 import contextlib
 import datetime as dt
 import os
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 

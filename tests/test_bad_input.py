@@ -599,7 +599,7 @@ def readme_section(title: str) -> str:
 def test_readme_try_it_creates_a_virtual_environment_first():
     section = readme_section("Try it")
     assert "python -m venv" in section or "python3 -m venv" in section
-    assert section.index("venv") < section.index("pip install")
+    assert section.index("-m venv") < section.index("pip install -r requirements.txt")
     assert "Activate.ps1" in section or "Scripts\\activate" in section
 
 
