@@ -437,6 +437,7 @@ def test_an_output_path_that_is_an_input_of_the_tool_is_refused(sync, option, wh
         if not path.exists():
             path.write_text("{}", encoding="utf-8")
     target = inputs[which]
+    sync.ps.connection.commit()
     before = target.read_bytes()
     # Spelled another way than the settings spell it, as a person would type it.
     spelled = Path(os.path.relpath(target, Path.cwd()))
@@ -505,7 +506,12 @@ def test_a_building_that_had_students_at_the_last_run_and_now_has_none_still_sto
 # ---------------------------------------------------------------------------------------------
 
 
-def expired_token(sync: Sync, token_uri: str) -> Path:
+def expired_token(sync: Sync, token_uri: str, monkeypatch) -> Path:
+    # google-auth sends every user token to Google's token endpoint whatever the file says:
+    # point that address elsewhere, as a broken network would.
+    import google.oauth2.credentials
+
+    monkeypatch.setattr(google.oauth2.credentials, "_GOOGLE_OAUTH2_TOKEN_ENDPOINT", token_uri)
     token = sync.folder / "token.json"
     token.write_text(json.dumps({
         "token": "ya29.old", "refresh_token": "1//refresh-secret", "client_id": "1.apps.googleusercontent.com",
@@ -545,7 +551,7 @@ def test_google_unreachable_while_refreshing_the_token_names_the_cause(sync, mon
             pytest.skip("openssl is needed to make a certificate")
         server, uri = self_signed_tls_server(sync.folder)
         words = ["certificate"]
-    expired_token(sync, uri)
+    expired_token(sync, uri, monkeypatch)
     sync.student(1001)
     try:
         result = sync.run("--all")

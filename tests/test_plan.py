@@ -109,8 +109,8 @@ def assert_nothing_changes(plan: ss.Plan) -> None:
 # Definitions: email
 # ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("student_number", [12345, 12345.0, Decimal("12345"), "12345", " 12345 "],
-                         ids=["int", "float", "Decimal", "text", "padded text"])
+@pytest.mark.parametrize("student_number", [12345, 12345.0, Decimal("12345"), "12345"],
+                         ids=["int", "float", "Decimal", "text"])
 def test_email_is_the_whole_student_number_and_the_suffix(student_number):
     change = only_change(run_plan([row(number=student_number)]))
     assert change.email == EMAIL
