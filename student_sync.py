@@ -27,6 +27,14 @@ Sections, top to bottom, each using only names from itself and the ones above it
 
 from __future__ import annotations
 
+import sys
+
+if sys.version_info[:2] < (3, 11):  # before tomllib and the rest: say so instead of a traceback
+    sys.stderr.write(f"Python 3.11 or newer is needed (this is Python {sys.version_info[0]}.{sys.version_info[1]}): "
+                     "install it from python.org and run student_sync with it, in a virtual environment "
+                     "(see README)\n")
+    raise SystemExit(2)
+
 import argparse
 import collections
 import concurrent.futures
@@ -47,10 +55,11 @@ import random
 import re
 import socket
 import sqlite3
-import sys
+import ssl
 import threading
 import time
 import tomllib
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -104,10 +113,14 @@ class SafetyStop(StopRun):
 
 
 def _clean_spaces(value: Any) -> str:
-    """Text with ends trimmed and inner white space collapsed; NULL is empty."""
+    """Text with ends trimmed and inner white space collapsed, without control or format
+    characters (NUL, BEL, zero-width spaces: Unicode Cc and Cf); NULL is empty."""
     if value is None:
         return ""
-    return " ".join(str(value).split())
+    text = str(value)
+    if not text.isprintable():  # the rare name that needs a closer look
+        text = "".join(c for c in text if c.isspace() or unicodedata.category(c) not in ("Cc", "Cf"))
+    return " ".join(text.split())
 
 
 def _as_int(value: Any) -> int | None:
@@ -127,6 +140,22 @@ def _as_int(value: Any) -> int | None:
         if not number.is_finite() or number != number.to_integral_value():
             return None
         return int(number)
+    return None
+
+
+def as_student_number(value: Any) -> int | None:
+    """A STUDENT_NUMBER: text of digits only, or an integral number (Oracle's NUMBER as int,
+    float or Decimal); anything else (`5e5`, `+500008`, ` 500007 `) is None."""
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else None
+    if isinstance(value, decimal.Decimal):
+        return int(value) if value.is_finite() and value == value.to_integral_value() else None
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        return int(value)
     return None
 
 
@@ -413,7 +442,11 @@ def _ou_path(section: str, key: str, value: str, *, trailing_slash: bool = False
 
 
 def _grades(table: Mapping[str, Any]) -> dict[int, str]:
+    if not table:
+        raise SettingsError('settings: [ous] grades is empty: map each PowerSchool GRADE_LEVEL to its OU '
+                            '("9" = "/9th"; "" for the building OU itself)')
     grades: dict[int, str] = {}
+    written: dict[int, str] = {}  # grade -> its key as the file spells it
     for key, value in table.items():
         try:
             grade = int(str(key).strip())
@@ -425,6 +458,10 @@ def _grades(table: Mapping[str, Any]) -> dict[int, str]:
             raise SettingsError(f'settings: [ous] grades: "{key}" must map to an OU text, not {value!r}')
         if value:
             _ou_path("ous", f'grades "{key}"', value)
+        if grade in written:
+            raise SettingsError(f'settings: [ous] grades: "{written[grade]}" and "{key}" are both grade {grade}: '
+                                "keep one")
+        written[grade] = str(key)
         grades[grade] = value
     return grades
 
@@ -433,7 +470,7 @@ def load_settings(path: Path) -> Settings:
     """Read and validate the TOML settings file; every error names its key."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        text = _settings_text(path)
     except FileNotFoundError:
         raise SettingsError(
             f"settings: file {path} not found (copy student_sync.example.toml and edit it, "
@@ -444,8 +481,44 @@ def load_settings(path: Path) -> Settings:
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise SettingsError(f"settings: {path} is not valid TOML: {exc}") from None
+        hint = ""
+        if "\\" in text:  # the usual cause on Windows: "C:\Users\..." in double quotes
+            hint = (' (in a "..." text a backslash starts an escape: write Windows paths with forward '
+                    "slashes, \"C:/Users/...\", or in single quotes, 'C:\\Users\\...')")
+        raise SettingsError(f"settings: {path} is not valid TOML: {exc}{hint}") from None
     return settings_from_dict(raw, path)
+
+
+def _settings_text(path: Path) -> str:
+    """The settings file's text: UTF-8, with or without a byte-order mark; anything else is refused
+    (Notepad's "ANSI" and "Unicode" are the usual mistakes)."""
+    data = path.read_bytes()
+    save_as = "save it as UTF-8 (Notepad: File > Save As, Encoding: UTF-8)"
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in data:
+        raise SettingsError(f'settings: {path} is saved as UTF-16 (Notepad\'s "Unicode"): {save_as}')
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise SettingsError(f"settings: {path} is not UTF-8 (line {line}; saved as \"ANSI\" or another "
+                            f"code page?): {save_as}") from None
+
+
+# Settings that name files or folders: a control character in one is a backslash escape
+# that TOML read in a Windows path ("D:\new" is D:, a line break, "ew").
+_PATH_KEYS = (("powerschool", "sqlite"), ("google", "credentials_file"), ("google", "token_file"),
+              ("google", "service_account_file"), ("logging", "dir"))
+
+
+def _warn_control_characters(values: Mapping[str, Mapping[str, Any]]) -> None:
+    for section, key in _PATH_KEYS:
+        value = values.get(section, {}).get(key)
+        if isinstance(value, str) and any(unicodedata.category(c) == "Cc" for c in value):
+            shown = value.encode("unicode_escape").decode("ascii")
+            log.warning('settings: [%s] %s: "%s" holds a control character (a line break or tab): in a '
+                        'TOML "..." text a backslash starts an escape; write Windows paths with forward '
+                        "slashes (\"D:/folder/file\") or in single quotes ('D:\\folder\\file')",
+                        section, key, shown)
 
 
 def settings_from_dict(raw: Mapping[str, Any], path: Path) -> Settings:
@@ -455,6 +528,7 @@ def settings_from_dict(raw: Mapping[str, Any], path: Path) -> Settings:
     which is relative to the script's.
     """
     values = _read_sections(raw)
+    _warn_control_characters(values)
     base = Path(path).resolve().parent
     # Checked in this order, so that the first wrong key reported stays the same.
     google = _google_settings(values["google"], base)
@@ -521,6 +595,15 @@ def _google_settings(gg: Mapping[str, Any], base: Path) -> GoogleSettings:
     suffix = gg["email_suffix"].strip()
     if not re.fullmatch(r"@[A-Za-z0-9.-]+\.[A-Za-z]{2,}", suffix):
         raise SettingsError(f'settings: [google] email_suffix: "{suffix}" must look like "@d118.org"')
+    suffix_domain = suffix[1:].lower()
+    domain = gg["domain"].strip().lower() if gg["domain"] else ""
+    if domain and domain != suffix_domain:
+        # users.list(domain=) lists the accounts of that one domain: the students' accounts
+        # would never be seen, every student would look new and no one would be suspended.
+        raise SettingsError(
+            f'settings: [google] domain "{domain}" is not the domain of [google] email_suffix "{suffix}": '
+            f"the accounts of {suffix_domain} would never be read. Set domain = \"{suffix_domain}\" "
+            "(or leave it out), or correct email_suffix")
     if gg["auth"] not in ("oauth", "service_account", "none"):
         raise SettingsError(
             f'settings: [google] auth: "{gg["auth"]}" must be "oauth", "service_account" or "none"'
@@ -532,7 +615,7 @@ def _google_settings(gg: Mapping[str, Any], base: Path) -> GoogleSettings:
             if not gg[key]:
                 raise SettingsError(f'settings: [google] {key} is missing (needed with auth = "service_account")')
     return GoogleSettings(
-        domain=(gg["domain"] or suffix[1:]).lower(),
+        domain=domain or suffix_domain,
         email_suffix=suffix.lower(),
         auth=gg["auth"],
         credentials_file=_local_path(gg["credentials_file"], base),
@@ -760,7 +843,51 @@ def connect_powerschool(settings: Settings) -> Any:
                 f"(the database {what}; named by [powerschool] {what}_env)"
             )
         values[what] = value
-    return _connect_oracle(values["user"], values["password"], values["dsn"], ps.connect_timeout)
+    dsn, embedded = _dsn_without_credentials(values["dsn"])
+    if embedded:
+        # The old script's habit: user/password@host:port/service.  The password stays out of
+        # every message, and the connection uses the variables meant for the secrets.
+        log.warning("PowerSchool: the DSN in %s carries a user name and password (%s); they are not used: "
+                    "the user and password come from %s and %s. Keep only host:port/service in %s",
+                    ps.dsn_env, mask_dsn(values["dsn"]), ps.user_env, ps.password_env, ps.dsn_env)
+    try:
+        return _connect_oracle(values["user"], values["password"], dsn, ps.connect_timeout)
+    except SourceError as exc:
+        raise SourceError(_without(str(exc), [values["password"], *embedded])) from None
+
+
+_DSN_URL_CREDENTIALS = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^/@:]*):([^@]*)@")
+
+
+def _dsn_without_credentials(dsn: str) -> tuple[str, list[str]]:
+    """The DSN without a `user/password@` (or `scheme://user:password@`) part, and the
+    passwords that part held."""
+    url = _DSN_URL_CREDENTIALS.match(dsn)
+    if url:
+        return url.group(1).split("://")[0] + "://" + dsn[url.end():], [url.group(2)]
+    at, slash = dsn.rfind("@"), dsn.find("/")
+    if at > 0 and 0 <= slash < at:
+        return dsn[at + 1:], [dsn[slash + 1:at]]
+    return dsn, []
+
+
+def mask_dsn(dsn: str) -> str:
+    """The DSN as it may be shown: a password in it becomes `***`
+    (`scott/tiger@db:1521/PS` -> `scott/***@db:1521/PS`)."""
+    url = _DSN_URL_CREDENTIALS.match(dsn)
+    if url:
+        return f"{url.group(1)}:***@{dsn[url.end():]}"
+    at, slash = dsn.rfind("@"), dsn.find("/")
+    if at > 0 and 0 <= slash < at:
+        return f"{dsn[:slash]}/***{dsn[at:]}"
+    return dsn
+
+
+def _without(text: str, secrets: Iterable[str]) -> str:
+    """`text` with every secret in it replaced by `***` (a driver's message may quote one)."""
+    for secret in sorted((s for s in secrets if s), key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
 
 
 def _connect_oracle(user: str, password: str, dsn: str, timeout: float) -> Any:
@@ -784,13 +911,13 @@ def _connect_oracle(user: str, password: str, dsn: str, timeout: float) -> Any:
     worker.join(timeout)
     if worker.is_alive():
         raise SourceError(
-            f"PowerSchool: no answer from {dsn} within {timeout:g} s "
+            f"PowerSchool: no answer from {mask_dsn(dsn)} within {timeout:g} s "
             "(is the database up? [powerschool] connect_timeout sets this limit)"
         )
     error = outcome.get("error")
     if error is None:
         return outcome["connection"]
-    raise SourceError(f"PowerSchool: cannot connect to {dsn}: {_describe_db_error(error)}") from None
+    raise SourceError(f"PowerSchool: cannot connect to {mask_dsn(dsn)}: {_describe_db_error(error)}") from None
 
 
 def _describe_db_error(error: BaseException) -> str:
@@ -1374,6 +1501,70 @@ def google_credentials(settings: Settings, *, interactive: bool = False) -> Any:
     return credentials
 
 
+_CLIENT_FILE_KEYS = ("client_id", "client_secret", "auth_uri", "token_uri")
+
+
+def _check_client_file(path: Path) -> None:
+    """Stop unless `path` is a Desktop-app OAuth client file (its content is never shown)."""
+    try:
+        document = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (OSError, ValueError):
+        document = None
+    if not isinstance(document, dict):
+        problem = "is not JSON" if document is None else "is not an OAuth client file"
+    elif "installed" not in document:
+        problem = ("is the client of a Web application" if "web" in document else
+                   "is not an OAuth client file (a service account key?)")
+    elif not isinstance(document["installed"], dict) or not all(
+            isinstance(document["installed"].get(k), str) and document["installed"].get(k)
+            for k in _CLIENT_FILE_KEYS):
+        problem = "lacks some of " + ", ".join(_CLIENT_FILE_KEYS)
+    else:
+        return
+    raise GoogleError(f"Google: {path} {problem}, not a Desktop app OAuth client: in Google Cloud console, "
+                      "APIs & Services > Credentials > Create credentials > OAuth client ID, application "
+                      "type Desktop app, then download its JSON to this path ([google] credentials_file; "
+                      "see credentials.json.example and README)")
+
+
+def describe_network_error(exc: BaseException, url: str | None = None) -> str:
+    """Why a connection failed, in words an administrator can act on: the certificate, the
+    proxy, name resolution, a refused connection or no answer."""
+    chain: list[BaseException] = []
+    pending: list[Any] = [exc]
+    while pending and len(chain) < 20:
+        each = pending.pop(0)
+        if not isinstance(each, BaseException) or any(each is seen for seen in chain):
+            continue
+        chain.append(each)
+        pending += [each.__cause__, each.__context__, getattr(each, "reason", None), *each.args]
+    names = {type(e).__name__ for e in chain}
+    texts = " ".join(str(e) for e in chain)
+    parts = urlsplit(url or "")
+    host = parts.hostname or "the server"
+    where = f"{host}:{parts.port}" if parts.port else host
+    if any(isinstance(e, ssl.SSLCertVerificationError) for e in chain) or "CERTIFICATE_VERIFY_FAILED" in texts:
+        return (f"the certificate of {host} is not trusted (a proxy or firewall that inspects HTTPS?): add its "
+                "root certificate (REQUESTS_CA_BUNDLE for sign-in, HTTPLIB2_CA_CERTS for the directory) or "
+                "exempt Google's addresses from inspection")
+    if "ProxyError" in names:
+        variable = next((v for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HTTP_PROXY",
+                                     "http_proxy") if os.environ.get(v)), None)
+        proxy = urlsplit(os.environ.get(variable, "") if variable else "")
+        shown = f"{proxy.hostname}:{proxy.port}" if proxy.hostname else "the proxy"
+        return (f"{shown} could not be used as the proxy"
+                + (f" (set by {variable})" if variable else "") + ": check the proxy, or the variable")
+    if any(isinstance(e, socket.gaierror) for e in chain) or names & {"NameResolutionError", "ServerNotFoundError"}:
+        return f"the name {host} could not be resolved (DNS): check this computer's network and DNS settings"
+    if any(isinstance(e, ConnectionRefusedError) for e in chain):
+        return f"{where} refused the connection (a firewall, or nothing listening there)"
+    if any(isinstance(e, (TimeoutError, socket.timeout)) for e in chain) or any("Timeout" in n for n in names):
+        return f"no answer from {where} in time (a firewall dropping the traffic?)"
+    if any(isinstance(e, ConnectionResetError) for e in chain):
+        return f"{where} closed the connection (a firewall or proxy in between?)"
+    return type(exc).__name__
+
+
 def _refresh(credentials: Any, settings: Settings, purpose: str) -> None:
     """Get a fresh access token, or stop the run saying what to do."""
     from google.auth.exceptions import GoogleAuthError, RefreshError
@@ -1384,7 +1575,8 @@ def _refresh(credentials: Any, settings: Settings, purpose: str) -> None:
     except RefreshError as exc:
         raise GoogleError(_describe_refresh_error(exc, settings)) from None
     except (OSError, GoogleAuthError) as exc:
-        raise GoogleError(f"Google: cannot reach Google {purpose}: {type(exc).__name__}") from None
+        uri = getattr(credentials, "token_uri", None) or getattr(credentials, "_token_uri", None)
+        raise GoogleError(f"Google: cannot reach Google {purpose}: {describe_network_error(exc, uri)}") from None
 
 
 def _authorize_interactively(settings: Settings) -> Any:
@@ -1394,6 +1586,7 @@ def _authorize_interactively(settings: Settings) -> Any:
     if not gg.credentials_file.is_file():
         raise GoogleError(f"Google: OAuth client file {gg.credentials_file} not found "
                           "([google] credentials_file; see credentials.json.example and README)")
+    _check_client_file(gg.credentials_file)
     flow = InstalledAppFlow.from_client_secrets_file(str(gg.credentials_file), list(SCOPES))
     credentials = flow.run_local_server(port=0)
     _write_private(gg.token_file, credentials.to_json())
@@ -1484,9 +1677,22 @@ def describe_http_error(exc: Exception) -> str:
     return f"HTTP {status}" + (f" {reason}" if reason else "") + (f": {message}" if message else "")
 
 
+class NonJsonAnswer(Exception):
+    """The Directory API endpoint answered 2xx with a page that is not JSON."""
+
+    def __init__(self, page: str):
+        title = re.search(r"<title[^>]*>(.*?)</title>", page, re.IGNORECASE | re.DOTALL)
+        shown = " ".join(title.group(1).split())[:80] if title else ""
+        super().__init__("Google answered with a non-JSON page" + (f' ("{shown}")' if shown else "")
+                         + ": a proxy or web filter in between? Let this computer reach Google's APIs "
+                         "directly, or check [google] api_endpoint")
+
+
 def _describe_any(exc: BaseException) -> str:
     if isinstance(exc, _http_error_class()):
         return describe_http_error(exc)
+    if isinstance(exc, NonJsonAnswer):
+        return str(exc)
     return type(exc).__name__
 
 
@@ -1624,7 +1830,12 @@ class DirectoryClient:
         return self.policy.call(functools.partial(self._send, request), limiters=limiters)
 
     def _send(self, request: Any) -> Any:
-        return request.execute(http=self._http())
+        answer = request.execute(http=self._http())
+        if isinstance(answer, str) and answer.strip():
+            # googleapiclient hands back a 2xx body that is not JSON as text: a proxy's or a
+            # web filter's page, never an answer of the Directory API.
+            raise NonJsonAnswer(answer)
+        return answer
 
     def _http(self) -> Any:
         http = getattr(self._local, "http", None)
@@ -2023,7 +2234,7 @@ def decide(rows: Sequence[StudentRow], settings: Settings,
            today: dt.date) -> tuple[Decision | None, tuple[Notice, ...]]:
     """The district-wide decision for the rows of one student number (SPEC section 3),
     and what is worth saying about it."""
-    student_number = _as_int(rows[0].student_number)
+    student_number = as_student_number(rows[0].student_number)
     email = email_for(student_number, settings)
     notices: list[Notice] = []
 
@@ -2236,7 +2447,7 @@ def decide_all(rows: Iterable[StudentRow], settings: Settings, today: dt.date, s
     notices: list[Notice] = []
     by_number: dict[int, list[StudentRow]] = {}
     for row in rows:
-        number = _as_int(row.student_number)
+        number = as_student_number(row.student_number)
         in_scope = row.school is not None and row.school.number in scope.school_numbers
         if number is None or number <= 0:
             if in_scope:
@@ -2316,7 +2527,7 @@ def enrolled_counts(rows: Iterable[StudentRow], scope: Scope) -> dict[int, int]:
     name, not their status, are counted too (in the Graduated Students school)."""
     students: dict[int, set[int]] = {n: set() for n in scope.school_numbers}
     for row in rows:
-        number = _as_int(row.student_number)
+        number = as_student_number(row.student_number)
         if row.school is None or row.school.number not in students or number is None:
             continue
         if _as_int(row.enroll_status) in (0, -1):
@@ -2337,10 +2548,26 @@ def school_drops(previous: Mapping[int, int], current: Mapping[int, int], percen
     return drops
 
 
+def _had_students(scope: Scope, previous_counts: Mapping[int, int], directory: Directory | None,
+                  settings: Settings) -> bool:
+    """Did the scope have students before this run?  The school counts of the last run say so;
+    for a school they have never counted, open accounts carrying its school number do."""
+    if any(previous_counts.get(n, 0) > 0 for n in scope.school_numbers):
+        return True
+    never_counted = {str(n) for n in scope.school_numbers if n not in previous_counts}
+    if not never_counted or directory is None:
+        return False
+    school_field = settings.custom_schema.school_field
+    return any(not a.suspended and a.attributes.get(school_field) in never_counted
+               for a in directory.accounts.values())
+
+
 def _safety_problems(plan_: Plan, row_count: int, active: Mapping[int, int], scope: Scope,
-                     settings: Settings, previous_counts: Mapping[int, int]) -> list[str]:
+                     settings: Settings, previous_counts: Mapping[int, int],
+                     directory: Directory | None = None) -> list[str]:
     """Why this run must not go ahead without --allow-mass-changes; empty when it may."""
-    if not row_count and scope.school_numbers:
+    # An empty read is alarming only for a scope that had students: a new building has none yet.
+    if not row_count and _had_students(scope, previous_counts, directory, settings):
         return [f"PowerSchool returned no students for {scope.describe()} "
                 f"({len(scope.school_numbers)} school(s)): stopping rather than suspending everyone; "
                 "check the database"]
@@ -2949,6 +3176,27 @@ class _ConsoleFormatter(logging.Formatter):
 PLAIN = {"plain": True}
 
 
+class _ConsoleHandler(logging.StreamHandler):
+    """The console: when nobody reads it any more (`| head`, a closed window), it goes quiet and
+    the run goes on; the log file keeps every line."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if isinstance(sys.exc_info()[1], OSError):  # EPIPE; EINVAL on Windows
+            self.stream = _silence_stdout()  # not setStream: it would flush the broken stream
+            return
+        super().handleError(record)
+
+
+def _silence_stdout() -> Any:
+    """Point stdout at the null device, so that nothing written (or flushed at exit) fails."""
+    devnull = open(os.devnull, "w", encoding="utf-8")
+    try:
+        os.dup2(devnull.fileno(), sys.stdout.fileno())
+    except (AttributeError, OSError, ValueError):  # no file descriptor (an embedding host)
+        pass
+    return devnull
+
+
 def setup_logging(verbosity: int) -> logging.Handler:
     """Console logging: -q warnings only, default info, -v debug."""
     level = {-1: logging.WARNING, 0: logging.INFO}.get(verbosity, logging.DEBUG)
@@ -2956,7 +3204,7 @@ def setup_logging(verbosity: int) -> logging.Handler:
         sys.stdout.reconfigure(errors="backslashreplace")
     except (AttributeError, ValueError):
         pass
-    handler = logging.StreamHandler(sys.stdout)
+    handler = _ConsoleHandler(sys.stdout)
     handler.setFormatter(_ConsoleFormatter())
     handler.setLevel(level)
     for old in [h for h in log.handlers if getattr(h, "_student_sync", False)]:
@@ -2994,6 +3242,28 @@ def _log_outcome(outcome: Outcome) -> None:
         log.warning("student %s: %s: %s", change.student_number, text, outcome.result)
 
 
+# A cell starting with one of these is a formula to a spreadsheet (CSV injection): names and
+# student numbers come from PowerSchool, so every cell that starts so gets a leading quote.
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(value: Any) -> str:
+    """The cell's text, with a single quote before a leading =, +, -, @, tab or carriage return
+    (OWASP's advice), so that Excel shows it as text and never runs it."""
+    text = "" if value is None else str(value)
+    return "'" + text if text.startswith(_FORMULA_STARTS) else text
+
+
+class _SafeCsvWriter:
+    """A csv writer whose every cell goes through spreadsheet_safe."""
+
+    def __init__(self, writer: Any):
+        self.writer = writer
+
+    def writerow(self, row: Iterable[Any]) -> None:
+        self.writer.writerow([spreadsheet_safe(cell) for cell in row])
+
+
 def write_report(path: Path, outcomes: Sequence[Outcome], notices: Sequence[Notice],
                  unowned: Sequence[Account] = ()) -> None:
     """CSV, one row per change with its outcome, then errors, warnings, skips and unowned accounts.
@@ -3001,7 +3271,7 @@ def write_report(path: Path, outcomes: Sequence[Outcome], notices: Sequence[Noti
     UTF-8 with a byte-order mark, so that Excel opens it cleanly.
     """
     with open(path, "w", encoding="utf-8-sig", newline="") as stream:
-        writer = csv.writer(stream)
+        writer = _SafeCsvWriter(csv.writer(stream))
         writer.writerow(["student_number", "email", "action", "detail", "result"])
         for outcome in outcomes:
             change = outcome.change
@@ -3253,7 +3523,7 @@ class _Weighed:
 
 
 def _weigh(rows: Sequence[StudentRow], scope: Scope, settings: Settings, today: dt.date) -> _Weighed:
-    numbers = frozenset(n for n in (_as_int(r.student_number) for r in rows) if n is not None)
+    numbers = frozenset(n for n in (as_student_number(r.student_number) for r in rows) if n is not None)
     return _Weighed(decisions=decide_all(rows, settings, today, scope), enrolled=enrolled_counts(rows, scope),
                     row_count=len(rows), student_numbers=numbers)
 
@@ -3277,11 +3547,14 @@ def _wait_for_directory(run: Run, reading: DirectoryRead, progress: Progress) ->
                           f"{describe_http_error(exc)}") from None
     except RefreshError as exc:
         raise GoogleError(_describe_refresh_error(exc, settings)) from None
+    except NonJsonAnswer as exc:
+        raise GoogleError(f"Google: {exc}") from None
     except Exception as exc:
         if not _is_network_error(exc):
             raise
         where = settings.google.api_endpoint or "Google"
-        raise GoogleError(f"Google: cannot reach {where}: {type(exc).__name__}") from None
+        url = settings.google.api_endpoint or "https://admin.googleapis.com/"
+        raise GoogleError(f"Google: cannot reach {where}: {describe_network_error(exc, url)}") from None
     finally:
         progress.close()
     log.info("Google: %d accounts, %d OUs in %s", len(directory.accounts), len(directory.org_units),
@@ -3430,7 +3703,7 @@ def run_sync(run: Run) -> int:
         log.info("plan written to %s", args.plan_out)
 
     problems = _safety_problems(plan_, weighed.row_count, weighed.enrolled, scope, settings,
-                                load_school_counts(run.counts_path))
+                                load_school_counts(run.counts_path), directory)
     if problems and not args.allow_mass_changes:
         saved = run.logs / f"plan-{run.run_id}.json"
         write_plan_file(saved, plan_, scope=scope, today=today, settings=settings, run_id=run.run_id,
@@ -3631,7 +3904,8 @@ def build_parser() -> argparse.ArgumentParser:
     scope.add_argument("--all", action="store_true", help="every building")
     scope.add_argument("--state-reporting", action="store_true",
                        help="buildings not excluded from state reporting")
-    scope.add_argument("--building", type=int, nargs="+", metavar="N", help="these building numbers")
+    scope.add_argument("--building", type=int, nargs="+", action="extend", metavar="N",
+                       help="these building numbers (repeat --building to add more)")
     parser.add_argument("--config", type=Path, default=SCRIPT_DIR / "student_sync.toml",
                         metavar="FILE", help="settings file (default: student_sync.toml beside the script)")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and change nothing")
@@ -3701,6 +3975,35 @@ def _email_after(run: Run, code: int, fatal: str | None) -> None:
     send_summary_email(run.settings, f"student_sync {what}: {outcome}", "\n".join(body))
 
 
+def _same_file(one: Path, other: Path) -> bool:
+    """Do two spellings name the same file (relative or absolute, any case on Windows)?"""
+    try:
+        if one.exists() and other.exists():
+            return os.path.samefile(one, other)
+        return os.path.normcase(one.resolve()) == os.path.normcase(other.resolve())
+    except OSError:
+        return False
+
+
+def _one_of_the_inputs(path: Path | None, settings: Settings, args: argparse.Namespace) -> str | None:
+    """Which of the tool's inputs an output path names, in words; None when it is none of them."""
+    if path is None:
+        return None
+    gg = settings.google
+    inputs = [("the settings file", settings.path),
+              ("the PowerSchool database ([powerschool] sqlite)", settings.powerschool.sqlite),
+              ("the OAuth client file ([google] credentials_file)", gg.credentials_file),
+              ("the token file ([google] token_file)", gg.token_file),
+              ("the service account key ([google] service_account_file)", gg.service_account_file),
+              ("the plan given to --apply-plan", args.apply_plan)]
+    if path is args.report and args.plan_out is not None:
+        inputs.append(("the --plan-out file", args.plan_out))
+    for what, candidate in inputs:
+        if candidate is not None and _same_file(Path(path), Path(candidate)):
+            return what
+    return None
+
+
 def _unwritable(path: Path | None) -> str | None:
     """Why an output file named on the command line cannot be written, found before any change."""
     if path is None:
@@ -3738,6 +4041,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return exc.exit_code
 
     for option, path in (("--report", args.report), ("--plan-out", args.plan_out)):
+        problem = _one_of_the_inputs(path, settings, args)
+        if problem:
+            log.error("%s %s is %s, one of this tool's inputs: writing there would overwrite it; "
+                      "choose another file", option, path, problem)
+            return EXIT_ERROR
         problem = _unwritable(path)
         if problem:
             log.error("%s %s cannot be written: %s", option, path, problem)
