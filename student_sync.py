@@ -962,36 +962,47 @@ _API_TEXT_COLUMNS = frozenset({"name", "abbreviation", "first_name", "last_name"
 _API_SORT = "id"                 # unique in both tables: a stable order from page to page
 _API_DEFAULT_PAGE_SIZE = 100     # when the metadata does not say
 _API_ATTEMPTS = 5                # tries of one request through 5xx and network errors
-_API_MAX_WAITS = 12              # 429 answers one request may wait through
+_API_MAX_WAITS = 30              # 429 answers one request may wait through
 _API_MAX_RETRY_AFTER = 300.0     # seconds; a longer Retry-After is an error
 _API_WORKERS = 4                 # pages in flight at once, under max_requests_per_second
 
 
 class _Pacer:
     """Requests start evenly spaced, across threads, a little wider than 1/rate seconds, so
-    that the server, whose arrivals jitter, never sees more than `rate` in a second; a
-    Retry-After holds every thread back."""
+    that the server, whose arrivals jitter, never sees more than `rate` in a second.
+
+    A 429 (PowerSchool's minimum interval between a plugin's requests) holds every thread
+    back for the Retry-After, including those already waiting for a slot, and widens the
+    spacing, so that a server stricter than the settings is met after a few refusals."""
 
     SLACK = 0.05
+    WIDEST = 5.0      # seconds between requests, at most, however often the server refuses
 
     def __init__(self, rate: float, clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], None] = time.sleep):
         self.interval = (1.0 + self.SLACK) / rate
         self._clock, self._sleep = clock, sleep
         self._next = 0.0
+        self._held_until = 0.0
         self._lock = threading.Lock()
 
     def wait(self) -> None:
-        with self._lock:
-            now = self._clock()
-            start = max(now, self._next)
-            self._next = start + self.interval
-        if start > now:
-            self._sleep(start - now)
+        while True:
+            with self._lock:
+                now = self._clock()
+                start = max(now, self._next, self._held_until)
+                self._next = start + self.interval
+            if start > now:
+                self._sleep(start - now)
+            with self._lock:
+                if self._held_until <= start:
+                    return
+            # held back while waiting for this slot: take a new one after the hold
 
     def hold(self, seconds: float) -> None:
         with self._lock:
-            self._next = max(self._next, self._clock() + seconds)
+            self._held_until = max(self._held_until, self._clock() + seconds)
+            self.interval = min(self.interval * 1.5, max(self.interval, self.WIDEST))
 
 
 def _retry_after(value: str | None) -> float | None:

@@ -421,3 +421,54 @@ def test_check_names_a_column_the_plugin_lacks(sync, api):
     result = sync.run("--check")
     assert result.code == 2
     assert re.search(r"FAIL .*GRADE_LEVEL", result.output, re.IGNORECASE), result.output
+
+
+def test_the_api_reader_gives_the_rows_and_schools_the_sql_gives(tmp_path, monkeypatch):
+    """Same School and StudentRow values from the SQL and the API, values turned back from text."""
+    import sqlite3
+
+    monkeypatch.setenv("POWERSCHOOL_CLIENT_ID", CLIENT_ID)
+    monkeypatch.setenv("POWERSCHOOL_CLIENT_SECRET", CLIENT_SECRET)
+    with DirectoryServer(domain=district.DOMAIN) as server:
+        district.build_demo_district(tmp_path, server, 2026)
+    database = tmp_path / "powerschool.sqlite3"
+    connection = sqlite3.connect(database)
+    schools = student_sync.read_schools(connection)
+    scope = student_sync.resolve_scope("building", schools, [102])
+    from_sql = student_sync.read_students(connection, scope, schools)
+    connection.close()
+    with PowerSchoolApiServer(database, client_id=CLIENT_ID, client_secret=CLIENT_SECRET, max_page_size=9) as ps:
+        path = district.write_settings(tmp_path / "api.toml", "http://127.0.0.1:9/", api_settings(ps))
+        with student_sync.open_powerschool_api(student_sync.load_settings(path)) as api:
+            api_schools = student_sync.read_api_schools(api)
+            from_api = student_sync.read_api_students(api, scope, api_schools)
+    assert api_schools == schools
+    key = lambda row: (row.student_number, row.school_id)  # noqa: E731
+    assert sorted(from_api, key=key) == sorted(from_sql, key=key)
+    assert any(r.school_id == 101 for r in from_api)  # the other row of a student of 102
+    assert all(isinstance(r.student_number, int) for r in from_api)
+
+
+def test_a_server_stricter_than_the_settings_is_met_after_a_few_refusals(sync, monkeypatch):
+    """The server's minimum interval (200 ms) is wider than max_requests_per_second allows for
+    (20 a second): its 429s are waited out, the spacing widens, and the read completes."""
+    monkeypatch.setenv("POWERSCHOOL_CLIENT_ID", CLIENT_ID)
+    monkeypatch.setenv("POWERSCHOOL_CLIENT_SECRET", CLIENT_SECRET)
+    numbers = students(sync, 12)
+    with start_api(sync, min_interval_ms=200) as server:
+        sync.settings(api_settings(server, max_requests_per_second=20))
+        result = sync.run("--all")
+        refused = server.count(r"^/ws/", status=429)
+    assert result.code == 0, result.output
+    assert all(sync.server.user(email(n)) for n in numbers)
+    assert 0 < refused < 20
+
+
+def test_no_metadata_at_the_url_is_exit_2(sync, api):
+    """A server that gives a token but answers 404 at /ws/v1/metadata is not PowerSchool's API."""
+    students(sync, 3)
+    api.add_fault("status", r"/ws/v1/metadata$", status=404)
+    result = sync.run("--all")
+    assert result.code == 2
+    assert "404" in result.output and "[powerschool] url" in result.output
+    assert not sync.writes()
