@@ -1,8 +1,10 @@
 """Run student_sync end to end on a sample district, on any machine, with no accounts.
 
 Builds a sample PowerSchool (SQLite) and starts a local Directory API server with sample
-accounts, then runs student_sync.py exactly as a district would: a dry run, the real
-run, and a second run that finds nothing to do.
+accounts (it also answers the Licensing API: every open account holds the Education Plus
+licence), then runs student_sync.py exactly as a district would: a dry run, the real
+run, and a second run that finds nothing to do.  Graduates lose their licence and new
+students get one.
 
     python demo.py                # keeps its files in a temporary folder and prints where
     python demo.py --source api   # PowerSchool read through the local plugin REST API server
@@ -31,6 +33,7 @@ from testkit.directory_server import DirectoryServer
 from testkit.powerschool_api import PowerSchoolApiServer
 
 HERE = Path(__file__).resolve().parent
+PRODUCT, SKU = "101031", "1010310008"   # Google Workspace for Education Plus (Student)
 
 
 # The PowerSchool plugin's client ID and secret, as a district sets them (README): the demo's
@@ -73,8 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     senior_class = today.year + (1 if today.month >= 7 else 0)
     with DirectoryServer(domain=district.DOMAIN) as server, contextlib.ExitStack() as stack:
         cases = district.build_demo_district(folder, server, senior_class)
-        settings = district.write_settings(folder / "student_sync.toml", server.url,
-                                           {"powerschool": powerschool_settings(folder, args.source, stack)})
+        for address, user in server.users().items():   # every open account is licensed
+            if not user["suspended"]:
+                server.licensing.assign(address, SKU)
+        settings = district.write_settings(folder / "student_sync.toml", server.url, {
+            "powerschool": powerschool_settings(folder, args.source, stack),
+            "licenses": {"product_id": PRODUCT, "sku_id": SKU, "assign": True}})
         print(f"Sample district in {folder}: {len(server.users())} Google accounts, local Directory API "
               f"at {server.url}")
         for case, numbers in cases.items():
@@ -105,6 +112,15 @@ def main(argv: list[str] | None = None) -> int:
                   f"{state}, {user['orgUnitPath']}")
         suspended = cases["suspend"][0]
         print(f"  groups of withdrawn {suspended}: {sorted(server.groups_of(f'{suspended}{district.SUFFIX}')) or 'none'}")
+
+        print(f"\nEducation Plus licences (SKU {SKU}):")
+        graduate, created = cases["graduate"][0], cases["create"][0]
+        lost = not server.licensing.holds(f"{graduate}{district.SUFFIX}", SKU)
+        got = server.licensing.holds(f"{created}{district.SUFFIX}", SKU)
+        print(f"    graduate {graduate}: {'released' if lost else 'STILL HELD'}")
+        print(f"  new student {created}: {'assigned' if got else 'NOT ASSIGNED'}")
+        if not (lost and got):
+            problems.append("licences did not follow the students")
 
     print(f"\nExit 1 above is expected: student {cases['bad data'][0]} has no ENROLL_STATUS in the sample "
           "PowerSchool, and the tool reports it as failed every night until it is fixed.")
