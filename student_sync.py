@@ -265,6 +265,19 @@ class EmailSettings:
 
 
 @dataclass(frozen=True)
+class LicenseSettings:
+    """[licenses]: the Google Workspace licence that follows the students (SPEC 8)."""
+
+    product_id: str
+    sku_id: str
+    assign: bool
+    release_graduated: bool
+    release_suspended: bool
+    max_releases: int
+    customer_id: str | None
+
+
+@dataclass(frozen=True)
 class Settings:
     path: Path
     powerschool: PowerSchoolSettings
@@ -275,6 +288,7 @@ class Settings:
     safety: SafetySettings
     logging: LoggingSettings
     email: EmailSettings | None
+    licenses: LicenseSettings | None = None
 
     @property
     def instance(self) -> str:
@@ -350,7 +364,20 @@ _SETTINGS_KEYS: dict[str, dict[str, tuple[str, Any]]] = {
         "password_env": ("str", None),
         "when": ("str", "problems"),
     },
+    "licenses": {
+        "product_id": ("str", _REQUIRED),
+        "sku_id": ("str", _REQUIRED),
+        "assign": ("bool", False),
+        "release_graduated": ("bool", True),
+        "release_suspended": ("bool", True),
+        "max_releases": ("count", 100),
+        "customer_id": ("str", None),
+    },
 }
+
+# Sections that may be left out altogether (their required keys are required only when
+# the section is there).
+_OPTIONAL_SECTIONS = ("email", "licenses")
 
 _REQUIRED_SECTIONS = ("google", "ous", "custom_schema")
 
@@ -412,7 +439,7 @@ def _read_sections(raw: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     values: dict[str, dict[str, Any]] = {}
     for section, keys in _SETTINGS_KEYS.items():
         given = raw.get(section, {})
-        if section == "email" and section not in raw:
+        if section in _OPTIONAL_SECTIONS and section not in raw:
             continue
         for key in given:
             if key not in keys:
@@ -534,6 +561,7 @@ def settings_from_dict(raw: Mapping[str, Any], path: Path) -> Settings:
     google = _google_settings(values["google"], base)
     custom_schema = _custom_schema_settings(values["custom_schema"])
     email = _email_settings(values["email"]) if "email" in values else None
+    licenses = _license_settings(values["licenses"]) if "licenses" in values else None
     return Settings(
         path=Path(path),
         powerschool=_powerschool_settings(values["powerschool"], base),
@@ -545,6 +573,7 @@ def settings_from_dict(raw: Mapping[str, Any], path: Path) -> Settings:
         # The logs stay beside the script (SPEC 5), wherever the settings file is.
         logging=LoggingSettings(dir=SCRIPT_DIR / values["logging"]["dir"], keep=values["logging"]["keep"]),
         email=email,
+        licenses=licenses,
     )
 
 
@@ -673,6 +702,22 @@ def _custom_schema_settings(cs: Mapping[str, Any]) -> CustomSchemaSettings:
             raise SettingsError(f"settings: [custom_schema] {key} must not be empty")
     return CustomSchemaSettings(category=cs["category"].strip(), school_field=cs["school_field"].strip(),
                                 grad_year_field=cs["grad_year_field"].strip())
+
+
+def _license_settings(li: Mapping[str, Any]) -> LicenseSettings:
+    for key in ("product_id", "sku_id"):
+        if not re.fullmatch(r"[A-Za-z0-9._-]+", li[key].strip()):
+            raise SettingsError(f'settings: [licenses] {key}: "{li[key]}" must be a product or SKU ID '
+                                'like "101031" or "1010310008" (see README, Licences)')
+    customer = li["customer_id"]
+    if customer is not None and not re.fullmatch(r"C[0-9A-Za-z]{4,}", customer.strip()):
+        raise SettingsError(f'settings: [licenses] customer_id: "{customer}" must look like "C01abcde2" '
+                            "(Admin console > Account settings > Customer ID), or be left out")
+    return LicenseSettings(
+        product_id=li["product_id"].strip(), sku_id=li["sku_id"].strip(), assign=li["assign"],
+        release_graduated=li["release_graduated"], release_suspended=li["release_suspended"],
+        max_releases=li["max_releases"], customer_id=customer.strip() if customer else None,
+    )
 
 
 def _email_settings(em: Mapping[str, Any]) -> EmailSettings:
@@ -1409,6 +1454,12 @@ SCOPES = (
     "https://www.googleapis.com/auth/admin.directory.group",
     "https://www.googleapis.com/auth/admin.directory.userschema.readonly",
 )
+LICENSING_SCOPE = "https://www.googleapis.com/auth/apps.licensing"
+
+
+def scopes_for(settings: Settings) -> tuple[str, ...]:
+    """The scopes a run asks for: the licensing scope only with a [licenses] section."""
+    return SCOPES + ((LICENSING_SCOPE,) if settings.licenses else ())
 
 
 @dataclass(frozen=True, slots=True)
@@ -1432,10 +1483,12 @@ def shared_mapping(items: tuple[tuple[str, str], ...]) -> Mapping[str, str]:
 
 @dataclass(frozen=True)
 class Directory:
-    """The snapshot a plan is made from: accounts by lower-cased email, OUs by lower-cased path."""
+    """The snapshot a plan is made from: accounts by lower-cased email, OUs by lower-cased path,
+    and (with [licenses]) the lower-cased emails of the accounts holding the licence."""
 
     accounts: Mapping[str, Account]
     org_units: Mapping[str, str]
+    licensed: frozenset[str] | None = None
 
 
 _USER_FIELDS = "primaryEmail,name(givenName,familyName),suspended,orgUnitPath,customSchemas"
@@ -1479,7 +1532,7 @@ def google_credentials(settings: Settings, *, interactive: bool = False) -> Any:
 
         try:
             credentials = service_account.Credentials.from_service_account_file(
-                str(gg.service_account_file), scopes=list(SCOPES)
+                str(gg.service_account_file), scopes=list(scopes_for(settings))
             ).with_subject(gg.delegated_admin)
         except FileNotFoundError:
             raise GoogleError(f"Google: service account key {gg.service_account_file} not found "
@@ -1498,10 +1551,15 @@ def google_credentials(settings: Settings, *, interactive: bool = False) -> Any:
         raise GoogleError(f"Google: no token file {gg.token_file}: run "
                           f"'python student_sync.py --authorize' once, signed in as an administrator")
     try:
-        credentials = Credentials.from_authorized_user_file(str(gg.token_file), list(SCOPES))
-    except (ValueError, KeyError, json.JSONDecodeError):
+        credentials = Credentials.from_authorized_user_file(str(gg.token_file), list(scopes_for(settings)))
+        granted = json.loads(gg.token_file.read_text(encoding="utf-8")).get("scopes")
+    except (ValueError, KeyError, AttributeError, OSError, json.JSONDecodeError):
         raise GoogleError(f"Google: token file {gg.token_file} is not usable: run "
                           "'python student_sync.py --authorize' again") from None
+    if settings.licenses and isinstance(granted, list) and LICENSING_SCOPE not in granted:
+        raise GoogleError(f"Google: the token in {gg.token_file} was authorized without the licensing scope "
+                          f"{LICENSING_SCOPE} that [licenses] needs: run 'python student_sync.py "
+                          "--authorize' again")
     if credentials.valid:
         return credentials
     if not credentials.refresh_token:
@@ -1598,7 +1656,7 @@ def _authorize_interactively(settings: Settings) -> Any:
         raise GoogleError(f"Google: OAuth client file {gg.credentials_file} not found "
                           "([google] credentials_file; see credentials.json.example and README)")
     _check_client_file(gg.credentials_file)
-    flow = InstalledAppFlow.from_client_secrets_file(str(gg.credentials_file), list(SCOPES))
+    flow = InstalledAppFlow.from_client_secrets_file(str(gg.credentials_file), list(scopes_for(settings)))
     credentials = flow.run_local_server(port=0)
     _write_private(gg.token_file, credentials.to_json())
     log.info("Google: authorized; token written to %s", gg.token_file)
@@ -1607,10 +1665,14 @@ def _authorize_interactively(settings: Settings) -> Any:
 
 def _describe_refresh_error(exc: Exception, settings: Settings) -> str:
     text = str(exc)
+    licensing = f" (with [licenses], {LICENSING_SCOPE} too)" if settings.licenses else ""
     if "unauthorized_client" in text:
         return ("Google: domain-wide delegation is not granted for this service account and these "
                 "scopes (unauthorized_client): add the client ID and scopes in the Admin console, "
-                "Security > API controls > Domain-wide delegation (see README)")
+                f"Security > API controls > Domain-wide delegation{licensing} (see README)")
+    if "invalid_scope" in text:
+        return (f"Google: the saved token does not cover every scope this run needs{licensing} "
+                "(invalid_scope): run 'python student_sync.py --authorize' again")
     if "invalid_grant" in text:
         if settings.google.auth == "service_account":
             return (f"Google: the service account could not act as {settings.google.delegated_admin} "
@@ -1825,15 +1887,23 @@ class DirectoryClient:
         self._local = threading.local()
         self._lock = threading.Lock()
         self._resources: dict[str, Any] = {}
+        self._licence_assignments: Any = None
 
     def resource(self, name: str) -> Any:
         """`users`, `orgunits`, `groups`, `members` or `schemas` of the shared service."""
         with self._lock:
             if not self._resources:
-                service = self._build()
+                service = self._build("admin", "directory_v1")
                 for each in ("users", "orgunits", "groups", "members", "schemas"):
                     self._resources[each] = getattr(service, each)()
             return self._resources[name]
+
+    def licence_assignments(self) -> Any:
+        """The Licensing API's licenseAssignments, on the same endpoint and credentials."""
+        with self._lock:
+            if self._licence_assignments is None:
+                self._licence_assignments = self._build("licensing", "v1").licenseAssignments()
+            return self._licence_assignments
 
     def call(self, request: Any, *, limiters: Sequence[RateLimiter] = ()) -> Any:
         """Send a built request on this thread's connection under the retry policy (and
@@ -1861,14 +1931,14 @@ class DirectoryClient:
             self._local.http = http
         return http
 
-    def _build(self) -> Any:
+    def _build(self, api: str, version: str) -> Any:
         from googleapiclient.discovery import build
 
         options = {}
         if self.settings.google.api_endpoint:
             options["api_endpoint"] = self.settings.google.api_endpoint
         return build(
-            "admin", "directory_v1", http=self._http(), static_discovery=True,
+            api, version, http=self._http(), static_discovery=True,
             cache_discovery=False, client_options=options or None,
         )
 
@@ -1959,6 +2029,77 @@ class _TwoEndedListing:
                 previous = keys[-1]
 
 
+def _customer_id(client: DirectoryClient, settings: Settings) -> str | None:
+    """The Workspace customer ID (C0...), as users.list gives it with every account; None
+    when the domain has no account at all (then none of it can hold a licence)."""
+    request = client.resource("users").list(domain=settings.google.domain, maxResults=1,
+                                            fields="users(customerId)", prettyPrint=False)
+    users = client.call(request).get("users") or []
+    if not users:
+        return None
+    customer = users[0].get("customerId")
+    if not customer:
+        raise GoogleError("Google: cannot tell the Workspace customer ID (users.list gives none): set "
+                          "[licenses] customer_id (Admin console > Account settings > Customer ID)")
+    return customer
+
+
+def _describe_licensing_error(exc: Exception, settings: Settings, customer: str | None) -> str:
+    """What a refused licence listing means, and what to do."""
+    status, _, message = _http_error_parts(exc)
+    said = describe_http_error(exc)
+    lic = settings.licenses
+    reasons = set(_error_reasons(exc))
+    if status in (401, 403) and (reasons & {"insufficientPermissions", "ACCESS_TOKEN_SCOPE_INSUFFICIENT"}
+                                 or "scope" in message.lower()):
+        return (f"Google: the authorization lacks the licensing scope {LICENSING_SCOPE} that [licenses] "
+                f"needs ({said}): run 'python student_sync.py --authorize' again, or with a service "
+                "account add the scope to its domain-wide delegation (see README, Licences)")
+    if status in (401, 403):
+        return (f"Google: licences of customer {customer} may not be read ({said}): check [licenses] "
+                "customer_id, and that the administrator may manage licences")
+    if status in (400, 404):
+        return (f"Google: product {lic.product_id}, SKU {lic.sku_id} ([licenses] product_id and sku_id) "
+                f"do not answer ({said}): check them (README, Licences)")
+    return f"Google: cannot read who holds the licence {lic.sku_id}: {said}"
+
+
+def read_license_holders(client: DirectoryClient, settings: Settings) -> frozenset[str]:
+    """Lower-cased emails of every account holding [licenses]' SKU.
+
+    One listForProductAndSku listing, 1,000 a page, never one call per account: the Licensing
+    API has a daily quota.  It goes out on a connection and rate limiter of its own (the
+    Licensing API's quota is not the Directory API's), beside the directory read.
+    """
+    lic = settings.licenses
+    assert lic is not None
+    own = DirectoryClient(settings, client.credentials, dataclasses.replace(
+        client.policy, limiter=RateLimiter(settings.google.max_requests_per_second)))
+    customer = lic.customer_id
+    holders: set[str] = set()
+    try:
+        customer = customer or _customer_id(own, settings)
+        if customer is None:
+            return frozenset()
+        assignments = own.licence_assignments()
+        request = assignments.listForProductAndSku(
+            productId=lic.product_id, skuId=lic.sku_id, customerId=customer, maxResults=1000,
+            fields="nextPageToken,items(userId)", prettyPrint=False)
+        tokens: set[str | None] = set()
+        while request is not None:
+            answer = own.call(request)
+            holders.update(_key(item["userId"]) for item in answer.get("items") or [] if item.get("userId"))
+            token = answer.get("nextPageToken")
+            if token in tokens:
+                raise GoogleError("Google: the licence listing repeats itself (the same page again); "
+                                  "stopping rather than reading forever")
+            tokens.add(token)
+            request = assignments.listForProductAndSku_next(request, answer)
+    except _http_error_class() as exc:
+        raise GoogleError(_describe_licensing_error(exc, settings, customer)) from None
+    return frozenset(holders)
+
+
 class DirectoryRead:
     """The whole directory, read in the background on threads this object owns: the OU list
     and both ends of the user listing at once, while the caller reads PowerSchool.
@@ -1968,12 +2109,16 @@ class DirectoryRead:
     """
 
     def __init__(self, client: DirectoryClient, settings: Settings,
-                 pages: Callable[[int], None] | None = None, *, with_org_units: bool = True):
+                 pages: Callable[[int], None] | None = None, *, with_org_units: bool = True,
+                 with_licences: bool = True):
         self._cancel = threading.Event()
         self._listing = _TwoEndedListing(client, settings, self._cancel, pages)
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=3, thread_name_prefix="directory")
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="directory")
         self._streams = [self._pool.submit(self._listing.stream, order) for order in ("ASCENDING", "DESCENDING")]
         self._org_units = self._pool.submit(read_org_units, client) if with_org_units else None
+        # With [licenses], who holds the licence is read at the same time (SPEC 8).
+        self._licensed = (self._pool.submit(read_license_holders, client, settings)
+                          if settings.licenses and with_licences else None)
 
     def accounts(self) -> dict[str, Account]:
         """Every account of the domain keyed by lower-cased primary email, once read."""
@@ -1984,7 +2129,8 @@ class DirectoryRead:
     def result(self) -> Directory:
         """Accounts and OUs, once both are read; the first error propagates."""
         accounts = self.accounts()
-        return Directory(accounts=accounts, org_units=self._org_units.result() if self._org_units else {"/": "/"})
+        return Directory(accounts=accounts, org_units=self._org_units.result() if self._org_units else {"/": "/"},
+                         licensed=self._licensed.result() if self._licensed else None)
 
     def __enter__(self) -> DirectoryRead:
         return self
@@ -2025,7 +2171,7 @@ def confirm_org_units(client: DirectoryClient, directory: Directory,
             continue
         if found:
             units[found.lower()] = found
-    return Directory(accounts=directory.accounts, org_units=units)
+    return dataclasses.replace(directory, org_units=units)
 
 
 # =============================================================================
@@ -2045,11 +2191,16 @@ class Level(StrEnum):
 
 class Action(StrEnum):
     """The one write call a change makes: users.insert, or users.update (a suspension
-    first removes the account from its groups)."""
+    first removes the account from its groups), or a licence's insert or delete."""
 
     CREATE = "create"
     UPDATE = "update"
     SUSPEND = "suspend"
+    LICENSE = "license"
+
+
+# The labels of a licence change (SPEC 8); its before/after are {"license": sku} or None.
+ASSIGN_LICENSE, RELEASE_LICENSE = "assign license", "release license"
 
 
 @dataclass(frozen=True, slots=True)
@@ -2090,11 +2241,18 @@ class Change:
     email: str
     action: Action
     labels: tuple[str, ...]
-    before: Mapping[str, Any]
-    after: Mapping[str, Any]
+    before: Mapping[str, Any] | None     # None only for a licence the account lacks
+    after: Mapping[str, Any] | None
     remove_groups: bool = False
 
+    @property
+    def sku(self) -> str:
+        """A licence change's SKU."""
+        return (self.after or self.before or {}).get("license", "")
+
     def describe(self) -> str:
+        if self.action == Action.LICENSE:
+            return f"{self.labels[0]} {self.sku}"
         parts = []
         if self.action == Action.CREATE:
             name = self.after["name"]
@@ -2133,6 +2291,10 @@ class Plan:
     def suspensions(self) -> list[Change]:
         """Changes that take an account from active to suspended."""
         return [c for c in self.changes if "suspend" in c.labels]
+
+    def releases(self) -> list[Change]:
+        """Licence releases."""
+        return [c for c in self.changes if RELEASE_LICENSE in c.labels]
 
 
 _APOSTROPHES = "'\u2019"
@@ -2415,6 +2577,31 @@ def _update_change(decision: Decision, account: Account, settings: Settings,
     return Change(decision.student_number, account.email, Action.UPDATE, tuple(labels), before, after), tuple(notices)
 
 
+def licence_change(decision: Decision, account: Account | None, change: Change | None,
+                   settings: Settings, licensed: frozenset[str]) -> Change | None:
+    """SPEC 8: release from graduates and from accounts the rules suspend; assign (with
+    `assign`) to accounts that should be active, are not a graduate's and lack it, an
+    account this run creates included.  Judged on the account as the run leaves it."""
+    lic = settings.licenses
+    if lic is None:
+        return None
+    sku = {"license": lic.sku_id}
+    if account is None:
+        if change is None or change.action != Action.CREATE:
+            return None  # no account, none made: nothing to license
+        holds = False
+    else:
+        holds = _key(account.email) in licensed
+    if holds and ((decision.graduated and lic.release_graduated)
+                  or (not decision.should_be_active and lic.release_suspended)):
+        return Change(decision.student_number, decision.email if account is None else account.email,
+                      Action.LICENSE, (RELEASE_LICENSE,), sku, None)
+    if not holds and lic.assign and decision.should_be_active and not decision.graduated:
+        return Change(decision.student_number, decision.email if account is None else account.email,
+                      Action.LICENSE, (ASSIGN_LICENSE,), None, sku)
+    return None
+
+
 def holds_values(account: Account | None, values: Mapping[str, Any]) -> bool:
     """Does the account hold these values, in a change's before/after shape?
 
@@ -2490,15 +2677,24 @@ def plan_changes(decisions: Decisions, directory: Directory, settings: Settings)
     """The Google half of a plan: what each decided student's account needs."""
     notices = list(decisions.notices)
     changes: list[Change] = []
+    licences: list[Change] = []
     unchanged = 0
     for key, decision in decisions.by_email.items():
-        change, own = change_for(decision, directory.accounts.get(key), settings, directory.org_units)
+        account = directory.accounts.get(key)
+        change, own = change_for(decision, account, settings, directory.org_units)
         notices.extend(own)
+        failed = any(n.level == Level.ERROR for n in own)
+        # A student failed for bad data keeps whatever licence they hold.
+        licence = (None if failed or directory.licensed is None else
+                   licence_change(decision, account, change, settings, directory.licensed))
         if change is not None:
             changes.append(change)
-        elif not any(n.level == Level.ERROR for n in own):
+        if licence is not None:
+            licences.append(licence)
+        if change is None and licence is None and not failed:
             unchanged += 1
-    return Plan(changes=tuple(changes), notices=tuple(notices),
+    # Licence changes follow the account changes: apply sends them after, releases first.
+    return Plan(changes=tuple(changes + licences), notices=tuple(notices),
                 decisions=decisions.by_email, unchanged=unchanged)
 
 
@@ -2597,6 +2793,10 @@ def _safety_problems(plan_: Plan, row_count: int, active: Mapping[int, int], sco
         where = ", ".join(f"school {s}: {n}" for s, n in sorted(by_school.items()))
         problems.append(f"this run would suspend {len(suspensions)} accounts, more than "
                         f"[safety] max_suspensions = {limit} ({where})")
+    releases = plan_.releases()
+    if settings.licenses and len(releases) > settings.licenses.max_releases:
+        problems.append(f"this run would release {len(releases)} licences {settings.licenses.sku_id}, more "
+                        f"than [licenses] max_releases = {settings.licenses.max_releases}")
     return problems
 
 
@@ -2692,6 +2892,12 @@ class _WatchedRequest:
 Reconcile = Callable[[Change, Account], tuple[Change | None, tuple[Notice, ...]]]
 
 
+# Google's answer to an assign when every licence of the SKU is taken ("There aren't enough
+# available licenses for the specified product-SKU pair"), in the words it has used.
+_OUT_OF_SEATS = re.compile(r"enough\s+(available\s+)?licen[cs]es|no\s+(more\s+)?(available\s+)?licen[cs]es"
+                           r"|out\s+of\s+(seats|licen[cs]es)|seats?\b", re.IGNORECASE)
+
+
 class Applier:
     """Executes a plan's changes through the Directory API.
 
@@ -2705,8 +2911,33 @@ class Applier:
         self.client, self.settings, self._password = client, settings, password
         self.creates, self.reconcile, self.workers = creates, reconcile, workers
         self.authorization_lost: str | None = None
+        # Google's word that no licences of the SKU are left; then the assigns not made.
+        self.seats_gone: str | None = None
+        self.seatless: list[Outcome] = []
 
     def apply(self, changes: Sequence[Change], progress: Callable[[Outcome], None] | None = None) -> list[Outcome]:
+        """Account changes first; then licence releases, then assigns, so that the seats freed
+        tonight serve tonight's new students (SPEC 8).  A licence change waits for its
+        account's change: when that did not go through, neither does the licence change."""
+        accounts = [c for c in changes if c.action != Action.LICENSE]
+        outcomes = self._apply_together(accounts, progress)
+        undone = {_key(o.change.email) for o in outcomes if not o.ok}
+        for label in (RELEASE_LICENSE, ASSIGN_LICENSE):
+            wave = [c for c in changes if c.action == Action.LICENSE and label in c.labels]
+            waiting = [c for c in wave if _key(c.email) not in undone]
+            for change in wave:
+                if _key(change.email) in undone:
+                    outcome = Outcome(change, Status.FAILED, "not attempted: the account change before it "
+                                                             "did not go through")
+                    outcomes.append(outcome)
+                    if progress:
+                        progress(outcome)
+            outcomes += self._apply_together(waiting, progress)
+        return outcomes
+
+    def _apply_together(self, changes: Sequence[Change],
+                        progress: Callable[[Outcome], None] | None = None) -> list[Outcome]:
+        """Apply changes concurrently; outcomes in the order of `changes`."""
         outcomes: list[Outcome | None] = [None] * len(changes)
         with concurrent.futures.ThreadPoolExecutor(max_workers=self.workers,
                                                    thread_name_prefix="apply") as pool:
@@ -2727,6 +2958,8 @@ class Applier:
                 return self._create(change)
             if change.action == Action.SUSPEND:
                 return self._suspend(change)
+            if change.action == Action.LICENSE:
+                return self._licence(change)
             self._update(change.email, change.after)
             return Outcome(change, Status.APPLIED)
         except _Failed as failure:
@@ -2831,6 +3064,59 @@ class Applier:
                                           f"{_describe_any(exc)}", groups_removed=tuple(removed))) from exc
         return Outcome(change, Status.APPLIED, groups_removed=tuple(removed))
 
+    def _licence(self, change: Change) -> Outcome:
+        """Release or assign the licence of [licenses]; a plan's other SKU is never sent."""
+        lic = self.settings.licenses
+        if lic is None or change.sku != lic.sku_id:
+            return Outcome(change, Status.FAILED, f"not sent: the settings' [licenses] is not for {change.sku}")
+        assignments = self.client.licence_assignments()
+        if RELEASE_LICENSE in change.labels:
+            return self._release(change, assignments.delete(
+                productId=lic.product_id, skuId=lic.sku_id, userId=change.email))
+        return self._assign(change, assignments.insert(
+            productId=lic.product_id, skuId=lic.sku_id, body={"userId": change.email}))
+
+    def _release(self, change: Change, delete: Any) -> Outcome:
+        try:
+            self.client.call(delete)
+        except _http_error_class() as exc:
+            status, _, message = _http_error_parts(exc)
+            if status == 404:  # the licence is gone already: what the release wanted
+                return Outcome(change, Status.APPLIED, note="the licence was gone already", made=())
+            if status == 412 and "auto" in message.lower():
+                return Outcome(change, Status.FAILED, (
+                    f"the licence was given by automatic licensing and cannot be taken back through the "
+                    f"API ({describe_http_error(exc)}): turn off automatic licensing for this account's "
+                    "organizational unit in the Admin console (Billing > Subscriptions > the "
+                    "subscription > Licence settings), or release it there"))
+            raise
+        return Outcome(change, Status.APPLIED)
+
+    def _assign(self, change: Change, insert: Any) -> Outcome:
+        sku = change.sku
+        if self.seats_gone is not None:
+            return self._seatless(Outcome(change, Status.FAILED, f"not assigned: no licences {sku} left"))
+        # A new account may be unknown to the Licensing API for a few seconds.
+        for wait in (1.0, 2.0, 4.0, None):
+            try:
+                self.client.call(insert)
+                return Outcome(change, Status.APPLIED)
+            except _http_error_class() as exc:
+                status, _, message = _http_error_parts(exc)
+                if status == 409:  # held already: what the assign wanted
+                    return Outcome(change, Status.APPLIED, note="the account held the licence already", made=())
+                if 400 <= status < 500 and _OUT_OF_SEATS.search(message):
+                    self.seats_gone = self.seats_gone or describe_http_error(exc)
+                    return self._seatless(Outcome(change, Status.FAILED, f"not assigned: no licences {sku} left"))
+                if status != 404 or wait is None:
+                    raise
+                self.client.policy.sleep(wait)
+        raise AssertionError("unreachable")
+
+    def _seatless(self, outcome: Outcome) -> Outcome:
+        self.seatless.append(outcome)
+        return outcome
+
     def _groups_of(self, email: str) -> list[str]:
         groups_api = self.client.resource("groups")
         request = groups_api.list(userKey=email, maxResults=200, fields="nextPageToken,groups(email)",
@@ -2877,6 +3163,9 @@ def settings_fingerprint(settings: Settings) -> str:
         "ous": _jsonable(settings.ous),
         "custom_schema": _jsonable(settings.custom_schema),
     }
+    if settings.licenses:  # left out without, so that older plans keep their fingerprint
+        deciding["licenses"] = {key: value for key, value in _jsonable(settings.licenses).items()
+                                if key not in ("max_releases", "customer_id")}
     text = json.dumps(deciding, sort_keys=True, ensure_ascii=True)
     return "sha256:" + hashlib.sha256(text.encode()).hexdigest()[:32]
 
@@ -2895,6 +3184,8 @@ def change_from_json(entry: Mapping[str, Any]) -> Change:
     action = entry["action"]
     if action not in tuple(Action):
         raise ValueError(f"unknown action {action!r}")
+    if action == Action.LICENSE:
+        return _licence_change_from_json(entry)
     if not isinstance(entry["before"], dict) or not isinstance(entry["after"], dict):
         raise ValueError("before and after must be objects")
     return Change(
@@ -2902,6 +3193,23 @@ def change_from_json(entry: Mapping[str, Any]) -> Change:
         labels=tuple(str(label) for label in entry["labels"]), before=entry["before"],
         after=entry["after"], remove_groups=bool(entry.get("remove_groups", False)),
     )
+
+
+def _licence_change_from_json(entry: Mapping[str, Any]) -> Change:
+    """A licence change: exactly one label, and {"license": sku} on one side, null on the other."""
+    labels = tuple(entry["labels"])
+    before, after = entry["before"], entry["after"]
+    if labels == (RELEASE_LICENSE,):
+        held, other = before, after
+    elif labels == (ASSIGN_LICENSE,):
+        held, other = after, before
+    else:
+        raise ValueError(f'a licence change is labelled "{ASSIGN_LICENSE}" or "{RELEASE_LICENSE}", not {list(labels)}')
+    if (other is not None or not isinstance(held, dict) or set(held) != {"license"}
+            or not isinstance(held["license"], str) or not held["license"]):
+        raise ValueError('a licence change goes from {"license": SKU} to null, or back')
+    return Change(student_number=int(entry["student_number"]), email=str(entry["email"]),
+                  action=Action.LICENSE, labels=labels, before=before, after=after)
 
 
 def write_plan_file(path: Path, plan_: Plan, *, scope: Scope, today: dt.date,
@@ -3016,6 +3324,11 @@ def undo_changes(entries: Sequence[Mapping[str, Any]], directory: Directory) -> 
         if account is None:
             notices.append(Notice(Level.WARNING, number, email, "not undone: the account no longer exists"))
             continue
+        if done.action == Action.LICENSE:
+            reverse, said = _undo_licence(done, account, directory)
+            changes.extend([reverse] if reverse else [])
+            notices.extend([said] if said else [])
+            continue
         after = {k: v for k, v in done.after.items() if k not in ("primaryEmail", "changePasswordAtNextLogin")}
         if done.action == Action.CREATE:
             after["suspended"] = False  # a created account is open; suspended since means changed since
@@ -3034,6 +3347,21 @@ def undo_changes(entries: Sequence[Mapping[str, Any]], directory: Directory) -> 
             notices.append(Notice(Level.WARNING, number, email, "was removed from groups "
                                   + ", ".join(entry["groups_removed"]) + " by that run: not re-added"))
     return changes, notices
+
+
+def _undo_licence(done: Change, account: Account, directory: Directory) -> tuple[Change | None, Notice | None]:
+    """The reverse of an applied licence change: an assign is released, a release assigned
+    again; an account whose licence changed since is reported and left alone."""
+    number = str(done.student_number)
+    if directory.licensed is None:
+        return None, Notice(Level.ERROR, number, done.email, f"licence {done.sku} not undone: the settings "
+                                                             "have no [licenses] section")
+    holds = _key(account.email) in directory.licensed
+    if (RELEASE_LICENSE in done.labels) == holds:
+        return None, Notice(Level.WARNING, number, done.email,
+                            "not undone: the licence was changed since that run")
+    label = ASSIGN_LICENSE if RELEASE_LICENSE in done.labels else RELEASE_LICENSE
+    return Change(done.student_number, account.email, Action.LICENSE, (label,), done.after, done.before), None
 
 
 def load_school_counts(path: Path) -> dict[int, int]:
@@ -3314,6 +3642,8 @@ class Summary:
         order = [("create", "creates"), ("move", "moves"), ("rename", "renames"),
                  ("attributes", "attribute updates"), ("unsuspend", "unsuspends"),
                  ("suspend", "suspends"), ("group removals", "group removals")]
+        if self.counts[ASSIGN_LICENSE] or self.counts[RELEASE_LICENSE]:
+            order += [(ASSIGN_LICENSE, "license assigns"), (RELEASE_LICENSE, "license releases")]
         parts = ", ".join(f"{self.counts[key]} {label}" for key, label in order)
         text = (f"summary ({'planned' if self.dry_run else 'done'}): {parts}; "
                 f"{self.unchanged} already in step, {self.skipped} skipped, {self.warnings} warnings, "
@@ -3570,14 +3900,17 @@ def _wait_for_directory(run: Run, reading: DirectoryRead, progress: Progress) ->
         progress.close()
     log.info("Google: %d accounts, %d OUs in %s", len(directory.accounts), len(directory.org_units),
              settings.google.domain)
+    if directory.licensed is not None:
+        log.info("Google: %d accounts hold the licence %s", len(directory.licensed), settings.licenses.sku_id)
     return directory
 
 
-def _read_whole_directory(run: Run) -> tuple[DirectoryClient, Directory]:
-    """An authorized client, and every account and OU of the domain read through it."""
+def _read_whole_directory(run: Run, *, with_licences: bool = True) -> tuple[DirectoryClient, Directory]:
+    """An authorized client, and every account and OU of the domain read through it (and,
+    with [licenses], who holds the licence)."""
     client = _google_client(run)
     progress = Progress("reading Google accounts")
-    with DirectoryRead(client, run.settings, progress.step) as reading:
+    with DirectoryRead(client, run.settings, progress.step, with_licences=with_licences) as reading:
         return client, _wait_for_directory(run, reading, progress)
 
 
@@ -3632,7 +3965,10 @@ def _apply(run: Run, kind: str, client: DirectoryClient, changes: Sequence[Chang
         progress.step()
         for notice in outcome.notices:
             _log_notice(notice)
-        _log_outcome(outcome)
+        if any(outcome is seatless for seatless in applier.seatless):
+            log.info("student %s: %s", outcome.change.student_number, outcome.result)  # one error says it all
+        else:
+            _log_outcome(outcome)
         if journal_error is not None:
             return
         try:
@@ -3650,6 +3986,14 @@ def _apply(run: Run, kind: str, client: DirectoryClient, changes: Sequence[Chang
     if applier.authorization_lost:
         message = (applier.authorization_lost + f"; {sum(o.ok for o in outcomes)} changes were applied "
                    "before that, the others were not attempted")
+        log.error("%s", message)
+        run.failures_to_email.append(message)
+    if applier.seatless:
+        lic = run.settings.licenses
+        message = (f"licences: no licences {lic.sku_id} (product {lic.product_id}) are left "
+                   f"({applier.seats_gone}): {len(applier.seatless)} assigns were not made and those "
+                   "students count as failed; free or buy seats in the Admin console, and the next run "
+                   "assigns them")
         log.error("%s", message)
         run.failures_to_email.append(message)
     return outcomes
@@ -3747,9 +4091,13 @@ def run_apply_plan(run: Run) -> int:
              document.get("created"), (document.get("scope") or {}).get("kind"))
     client, directory = _read_whole_directory(run)
     current, stale = [], []
+    creating = {_key(c.email) for c in changes if c.action == Action.CREATE}
     for change in changes:
         account = directory.accounts.get(change.email.lower())
-        still_current = account is None if change.action == Action.CREATE else holds_values(account, change.before)
+        if change.action == Action.LICENSE:
+            still_current = _licence_still_current(change, account, directory, creating)
+        else:
+            still_current = account is None if change.action == Action.CREATE else holds_values(account, change.before)
         if still_current:
             current.append(change)
         else:
@@ -3769,6 +4117,16 @@ def run_apply_plan(run: Run) -> int:
         if active:  # the reviewed figures become the source-sanity baseline
             save_school_counts(run.counts_path, active, run.settings.path)
     return _finish(run, [*outcomes, *stale], [], 0, dry_run)
+
+
+def _licence_still_current(change: Change, account: Account | None, directory: Directory,
+                           creating: set[str]) -> bool:
+    """A planned release is stale once the account no longer holds the licence, an assign once
+    it holds it (SPEC 8); an assign to an account the plan creates is current."""
+    holds = directory.licensed is not None and _key(change.email) in directory.licensed
+    if RELEASE_LICENSE in change.labels:
+        return account is not None and holds
+    return not holds and (account is not None or _key(change.email) in creating)
 
 
 def _preview(changes: Sequence[Change]) -> list[Outcome]:
@@ -3819,7 +4177,7 @@ def run_check(run: Run) -> int:
 
     directory = None
     try:
-        client, directory = _read_whole_directory(run)
+        client, directory = _read_whole_directory(run, with_licences=False)
         report(True, f"Google authorized {_who(settings)}; {len(directory.accounts)} accounts in "
                f"{settings.google.domain}")
     except StopRun as exc:
@@ -3827,6 +4185,7 @@ def run_check(run: Run) -> int:
 
     if directory is not None:
         needed = {settings.ous.suspended, settings.ous.graduated}
+        decisions: Mapping[str, Decision] | None = None
         if scope is not None:
             decisions = decide_all(rows, settings, run.today(), scope).by_email
             needed |= {d.target_ou for d in decisions.values()}
@@ -3843,10 +4202,32 @@ def run_check(run: Run) -> int:
         except _http_error_class() as exc:
             report(False, f"custom attributes could not be read: {describe_http_error(exc)} (does the "
                    "authorization include the userschema.readonly scope?)")
+        if settings.licenses:
+            report(*_check_licences(client, settings, None if decisions is None else set(decisions)))
     problem = _password_problem(settings.accounts.new_password_env)
     report(problem is None, problem + " (needed to create accounts)" if problem else
            f"new-account password is set in {settings.accounts.new_password_env}")
     return EXIT_OK if all(results) else EXIT_ERROR
+
+
+def _check_licences(client: DirectoryClient, settings: Settings, students: set[str] | None) -> tuple[bool, str]:
+    """[licenses]: the product and SKU answer, and how many accounts of the scope hold it."""
+    from google.auth.exceptions import RefreshError
+
+    lic = settings.licenses
+    try:
+        holders = read_license_holders(client, settings)
+    except StopRun as exc:
+        return False, str(exc)
+    except RefreshError as exc:
+        return False, _describe_refresh_error(exc, settings)
+    except Exception as exc:
+        if not _is_network_error(exc):
+            raise
+        return False, f"licences could not be read: cannot reach Google ({type(exc).__name__})"
+    held = (f"{len(holders & students)} accounts of the scope hold it ({len(holders)} in all)"
+            if students is not None else f"{len(holders)} accounts hold it")
+    return True, f"licences: product {lic.product_id}, SKU {lic.sku_id} answer; {held}"
 
 
 def _who(settings: Settings) -> str:

@@ -672,6 +672,7 @@ def test_check_reports_the_sku_and_the_holders_in_scope(sync):
 def test_check_fails_for_a_sku_google_does_not_know(sync):
     with_licences(sync, sku_id="1010319999")
     sync.student(610)
+    sync.account(610)
 
     result = sync.run("--check")
 
@@ -681,6 +682,7 @@ def test_check_fails_for_a_sku_google_does_not_know(sync):
 
 def test_check_fails_without_the_licensing_scope(sync):
     with_licences(sync)
+    sync.server.add_user("admin@d118.org", given="Ad", family="Min", org_unit="/Staff")
     sync.server.licensing.scope_granted = False
 
     result = sync.run("--check")
@@ -774,7 +776,9 @@ def test_authorize_asks_for_the_licensing_scope_only_with_a_licenses_section(syn
 
     monkeypatch.setattr(google_auth_oauthlib.flow.InstalledAppFlow, "from_client_secrets_file",
                         staticmethod(from_client_secrets_file))
-    (sync.folder / "credentials.json").write_text("{}", encoding="utf-8")
+    (sync.folder / "credentials.json").write_text(
+        (Path(__file__).resolve().parent.parent / "credentials.json.example").read_text(encoding="utf-8"),
+        encoding="utf-8")
     sync.settings({"google": {"auth": "oauth", "token_file": "token.json", "credentials_file": "credentials.json"}})
     assert sync.run("--authorize").code == 0
     oauth_with_licences(sync)
