@@ -30,9 +30,11 @@ from __future__ import annotations
 import sys
 
 if sys.version_info[:2] < (3, 11):  # before tomllib and the rest: say so instead of a traceback
-    sys.stderr.write(f"Python 3.11 or newer is needed (this is Python {sys.version_info[0]}.{sys.version_info[1]}): "
-                     "install it from python.org and run student_sync with it, in a virtual environment "
-                     "(see README)\n")
+    _TOO_OLD = (f"Python 3.11 or newer is needed (this is Python {sys.version_info[0]}.{sys.version_info[1]}): "
+                "install it from python.org and run student_sync with it, in a virtual environment (see README)")
+    if __name__ != "__main__":  # imported: the importer hears why
+        raise ImportError(_TOO_OLD)
+    sys.stderr.write(_TOO_OLD + "\n")
     raise SystemExit(2)
 
 import argparse
@@ -1646,6 +1648,11 @@ def _refresh(credentials: Any, settings: Settings, purpose: str) -> None:
     except (OSError, GoogleAuthError) as exc:
         uri = getattr(credentials, "token_uri", None) or getattr(credentials, "_token_uri", None)
         raise GoogleError(f"Google: cannot reach Google {purpose}: {describe_network_error(exc, uri)}") from None
+    except (ValueError, TypeError, KeyError, AttributeError):
+        # google-auth reads any 200 answer as a token: a proxy's page breaks it in odd ways.
+        raise GoogleError(f"Google: cannot reach Google {purpose}: Google answered with a non-JSON page "
+                          "(a proxy or web filter in between?): let this computer reach Google's sign-in "
+                          "(oauth2.googleapis.com) directly") from None
 
 
 def _authorize_interactively(settings: Settings) -> Any:

@@ -567,6 +567,31 @@ def test_google_unreachable_while_refreshing_the_token_names_the_cause(sync, mon
     no_traceback(result.output)
 
 
+def test_a_token_endpoint_answering_with_an_html_page_says_so(sync, monkeypatch, html_endpoint):
+    expired_token(sync, html_endpoint + "token", monkeypatch)
+    sync.student(1001)
+
+    result = sync.run("--all")
+
+    assert result.code == 2, result.output
+    assert "refresh the token" in result.output and "non-JSON page" in result.output
+    assert CLIENT_SECRET not in result.output
+    no_traceback(result.output)
+
+
+def test_imported_on_an_older_python_the_importer_hears_why():
+    script = ("import sys\n"
+              "sys.version_info = (3, 10, 12, 'final', 0)\n"
+              "sys.modules['tomllib'] = None\n"
+              f"sys.path.insert(0, {str(ROOT)!r})\n"
+              "try:\n"
+              "    import student_sync\n"
+              "except ImportError as exc:\n"
+              "    print('ImportError:', exc)\n")
+    child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert "ImportError: Python 3.11 or newer is needed" in child.stdout, child.stdout + child.stderr
+
+
 # ---------------------------------------------------------------------------------------------
 # Issue 12: Python older than 3.11; the README
 # ---------------------------------------------------------------------------------------------
