@@ -1112,6 +1112,7 @@ class PowerSchoolApi:
         self._local = threading.local()
         self._sessions: list[Any] = []
         self._token: str | None = None
+        self._expires_at: float | None = None
         self._token_lock = threading.Lock()
         self._renew_lock = threading.Lock()
         self.renewals = 0
@@ -1192,8 +1193,13 @@ class PowerSchoolApi:
         if not isinstance(token, str) or not token:
             raise SourceError(f"PowerSchool: {url} answered without an access_token: is [powerschool] "
                               "url the PowerSchool server's address?")
+        lifetime = _as_int(body.get("expires_in"))  # "3600": a string, as PowerSchool sends it
         with self._token_lock:
             self._token = token
+            # Renewed a little before it runs out (a tenth of its life, at most a minute), so
+            # that a long read does not meet the 401 at all.
+            self._expires_at = (time.monotonic() + lifetime - min(60.0, lifetime / 10)
+                                if lifetime is not None and lifetime > 0 else None)
 
     def _count_request(self) -> None:
         with self._token_lock:
@@ -1242,6 +1248,8 @@ class PowerSchoolApi:
         waits = 0
         attempt = 0
         while True:
+            if self._expires_at is not None and time.monotonic() >= self._expires_at:
+                self._renew(self._token)
             self._pacer.wait()
             token = self._token
             self._count_request()
@@ -1284,12 +1292,12 @@ class PowerSchoolApi:
             return self._json(answer, path, what)
 
     def _renew(self, used: str | None) -> None:
-        """One new token for every thread that saw the old one refused."""
+        """One new token for every thread that saw the old one refused or run out."""
         with self._renew_lock:
             if self._token != used:
                 return  # another thread renewed it already
             self.renewals += 1
-            log.info("PowerSchool: the access token was refused (expired?); asking for a new one")
+            log.info("PowerSchool: the access token ran out or was refused; asking for a new one")
             self._new_token()
 
     def _forbidden(self, answer: Any, path: str, columns: Iterable[str]) -> str:

@@ -472,3 +472,17 @@ def test_no_metadata_at_the_url_is_exit_2(sync, api):
     assert result.code == 2
     assert "404" in result.output and "[powerschool] url" in result.output
     assert not sync.writes()
+
+
+def test_tokens_that_run_out_during_a_long_read_are_renewed(sync, monkeypatch):
+    """Tokens that live 1 s, a read of about 2 s: every page is read, no student is lost."""
+    monkeypatch.setenv("POWERSCHOOL_CLIENT_ID", CLIENT_ID)
+    monkeypatch.setenv("POWERSCHOOL_CLIENT_SECRET", CLIENT_SECRET)
+    numbers = students(sync, 40)
+    with start_api(sync, token_lifetime=1) as server:
+        sync.settings(api_settings(server, max_requests_per_second=8))
+        result = sync.run("--all")
+        tokens = server.count(r"^/oauth/access_token$", status=200)
+    assert result.code == 0, result.output
+    assert all(sync.server.user(email(n)) for n in numbers)
+    assert tokens >= 2
