@@ -432,7 +432,8 @@ def test_on_windows_a_refreshed_token_is_made_private_with_icacls_before_it_repl
     assert json.loads(token.read_text(encoding="utf-8"))["token"] == NEW_ACCESS_TOKEN
     [command] = windows.icacls
     assert Path(command[1]).parent == token.parent and Path(command[1]).name != token.name
-    assert command[2:] == ["/inheritance:r", "/grant:r", "D118\\svc-sync:F"]
+    assert command[2:5] == ["/inheritance:r", "/grant:r", "D118\\svc-sync:F"]
+    assert set(command[5:]) <= {"*S-1-5-32-544:F", "*S-1-5-18:F"}  # Administrators, SYSTEM: by SID
     assert not Path(command[1]).exists()                  # it became token.json
     assert windows.held == {}                             # the run's lock went through msvcrt and was freed
     assert any(mode == FakeMsvcrt.LK_NBLCK for mode, _, _ in windows.calls)
