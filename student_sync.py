@@ -58,6 +58,8 @@ import re
 import socket
 import sqlite3
 import ssl
+import stat
+import subprocess
 import threading
 import time
 import tomllib
@@ -89,6 +91,10 @@ EXIT_FAILURES = 1
 EXIT_ERROR = 2
 EXIT_SAFETY = 3
 
+# Windows is the tool's usual home.  Every platform choice reads this one flag (never
+# os.name inline), so that the tests run the Windows branches on Linux too.
+WINDOWS = os.name == "nt"
+
 
 class StopRun(Exception):
     """A condition that ends the run before (or instead of) applying changes."""
@@ -112,6 +118,129 @@ class SafetyStop(StopRun):
     """A safety limit stopped the run before any change."""
 
     exit_code = EXIT_SAFETY
+
+
+def account_name() -> str:
+    """The operating-system account this process runs as, written as an administrator
+    would grant it rights (`D118\\svc-studentsync` on Windows)."""
+    if WINDOWS and os.environ.get("USERNAME"):
+        domain = os.environ.get("USERDOMAIN")
+        return f"{domain}\\{os.environ['USERNAME']}" if domain else os.environ["USERNAME"]
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError, ImportError):  # an account with no name (a bare container)
+        return f"user id {os.getuid()}" if hasattr(os, "getuid") else "this account"
+
+
+def cannot_write(what: str, path: Path, exc: OSError) -> str:
+    """The message for a file or folder this account may not write: what, where, as whom,
+    and what to do about it."""
+    reason = exc.strerror or type(exc).__name__
+    return (f"cannot write {what} {path} as {account_name()} ({reason}): give that account Modify "
+            f"rights on {path if what.endswith('folder') else path.parent} "
+            "(README: Windows Task Scheduler, icacls)")
+
+
+def write_atomically(path: Path, text: str, *, private: bool = False, attempts: int = 5) -> str | None:
+    """Replace the file at `path` with `text`, whole or not at all.
+
+    The text goes into a uniquely named temporary file in the same folder, is flushed to
+    the disk, then replaces the old file in one step: a full disk, a killed run or a
+    refused replace leaves the old file as it was and no temporary file behind.  Windows
+    refuses a replace while another program (a virus scanner, a backup) has the file open,
+    so a refused replace is tried again a few times.
+
+    `private`: readable by this account only (mode 0600; on Windows an access list of this
+    account, Administrators and SYSTEM, set before the file takes its place).  Returns a
+    warning when the file could not be made private; raises OSError when it could not be
+    written.
+    """
+    import tempfile
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    temporary = Path(name)
+    warning = None
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as stream:
+            stream.write(text)
+            stream.flush()
+            os.fsync(stream.fileno())
+        if private:
+            warning = _make_private(temporary)
+        elif not WINDOWS:  # mkstemp's 0600 would hide a shared file from its other readers
+            os.chmod(temporary, stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o644)
+        _replace(temporary, path, attempts)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            temporary.unlink()
+        raise
+    return warning
+
+
+def _replace(source: Path, target: Path, attempts: int) -> None:
+    """os.replace, tried again after a short wait while Windows says the file is in use."""
+    for attempt in range(attempts):
+        try:
+            os.replace(source, target)
+            return
+        except PermissionError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.05 * 2 ** attempt)
+
+
+def _make_private(path: Path) -> str | None:
+    """Make `path` readable by this account only; a warning when that could not be done.
+
+    On Windows a mode bit cannot do it (0o600 only clears read-only), and a file inherits
+    its folder's access list, which often lets every user read: the file gets its own list
+    instead, without inheritance.  Administrators and SYSTEM are named by SID, which does not
+    depend on the language Windows is installed in.
+    """
+    if not WINDOWS:
+        os.chmod(path, 0o600)
+        return None
+    icacls = os.path.join(os.environ.get("SystemRoot", r"C:\Windows"), "System32", "icacls.exe")
+    command = [icacls, str(path), "/inheritance:r", "/grant:r", f"{account_name()}:F",
+               "*S-1-5-32-544:F", "*S-1-5-18:F"]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, errors="replace", timeout=60)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"icacls could not be run ({type(exc).__name__})"
+    if done.returncode != 0:
+        said = " ".join((done.stdout + " " + done.stderr).split())[:200]
+        return f"icacls answered {done.returncode}" + (f": {said}" if said else "")
+    return None
+
+
+def try_writing(path: Path, *, folder: bool = False,
+                private: bool = False) -> tuple[OSError | None, str | None]:
+    """Can this account write the file (or `folder`) at `path` the way a run will?
+    Returns (the refusal, a warning when files there cannot be made private).
+
+    Found by writing, not by asking: os.access ignores Windows access lists.  A file that
+    exists is opened for appending (which changes nothing in it); then a file is written
+    and replaced in the folder, as write_atomically does, and removed.
+    """
+    where = path if folder else path.parent
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+        if not folder and path.exists() and not path.is_dir():
+            with open(path, "a", encoding="utf-8"):
+                pass
+        probe = where / f".student_sync-probe-{os.getpid()}-{threading.get_ident()}"
+        try:
+            warning = write_atomically(probe, "", private=private, attempts=1)
+        finally:
+            with contextlib.suppress(OSError):
+                probe.unlink()
+    except OSError as exc:
+        return exc, None
+    return None, warning
 
 
 def _clean_spaces(value: Any) -> str:
@@ -1563,7 +1692,11 @@ def google_credentials(settings: Settings, *, interactive: bool = False) -> Any:
     try:
         credentials = Credentials.from_authorized_user_file(str(gg.token_file), list(scopes_for(settings)))
         granted = json.loads(gg.token_file.read_text(encoding="utf-8")).get("scopes")
-    except (ValueError, KeyError, AttributeError, OSError, json.JSONDecodeError):
+    except OSError as exc:  # on Windows, most often a token made private to another account
+        raise GoogleError(f"Google: cannot read the token file {gg.token_file} as {account_name()} "
+                          f"({exc.strerror or type(exc).__name__}): it is private to the account that saved "
+                          f"it last; give {account_name()} access (README: Windows Task Scheduler)") from None
+    except (ValueError, KeyError, AttributeError, json.JSONDecodeError):
         raise GoogleError(f"Google: token file {gg.token_file} is not usable: run "
                           "'python student_sync.py --authorize' again") from None
     if settings.licenses and isinstance(granted, list) and LICENSING_SCOPE not in granted:
@@ -1576,7 +1709,7 @@ def google_credentials(settings: Settings, *, interactive: bool = False) -> Any:
         raise GoogleError(f"Google: token in {gg.token_file} has expired and cannot be refreshed: run "
                           "'python student_sync.py --authorize' again")
     _refresh(credentials, settings, "to refresh the token")
-    _write_private(gg.token_file, credentials.to_json())
+    _save_refreshed_token(gg.token_file, credentials.to_json())
     return credentials
 
 
@@ -1644,6 +1777,20 @@ def describe_network_error(exc: BaseException, url: str | None = None) -> str:
     return type(exc).__name__
 
 
+def _save_refreshed_token(path: Path, text: str) -> None:
+    """Keep the refreshed token for the next run.  One that cannot be saved is a warning:
+    it is valid for this run, and the next run refreshes again."""
+    try:
+        warning = write_atomically(path, text, private=True)
+    except OSError as exc:
+        log.warning("could not save the refreshed token: %s; this run goes on with it",
+                    cannot_write("the token file", path, exc))
+        return
+    if warning:
+        log.warning("the token file %s may be readable by other users of this computer: it could not be "
+                    "made private (%s)", path, warning)
+
+
 def _refresh(credentials: Any, settings: Settings, purpose: str) -> None:
     """Get a fresh access token, or stop the run saying what to do."""
     from google.auth.exceptions import GoogleAuthError, RefreshError
@@ -1673,7 +1820,13 @@ def _authorize_interactively(settings: Settings) -> Any:
     _check_client_file(gg.credentials_file)
     flow = InstalledAppFlow.from_client_secrets_file(str(gg.credentials_file), list(scopes_for(settings)))
     credentials = flow.run_local_server(port=0)
-    _write_private(gg.token_file, credentials.to_json())
+    try:
+        warning = write_atomically(gg.token_file, credentials.to_json(), private=True)
+    except OSError as exc:
+        raise GoogleError("Google: signed in, but " + cannot_write("the token file", gg.token_file, exc)) from None
+    if warning:
+        log.warning("the token file %s may be readable by other users of this computer: it could not be "
+                    "made private (%s)", gg.token_file, warning)
     log.info("Google: authorized; token written to %s", gg.token_file)
     return credentials
 
@@ -1695,20 +1848,6 @@ def _describe_refresh_error(exc: Exception, settings: Settings) -> str:
         return ("Google: the saved token has expired or been revoked (invalid_grant): run "
                 "'python student_sync.py --authorize' again")
     return f"Google: authorization failed ({type(exc).__name__}): run 'python student_sync.py --authorize'"
-
-
-def _write_private(path: Path, text: str) -> None:
-    """Write a secret file readable by its owner only (where the platform allows)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as stream:
-            stream.write(text)
-        os.replace(temporary, path)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
 
 
 def _http_error_class() -> type[Exception]:
@@ -3391,13 +3530,13 @@ def load_school_counts(path: Path) -> dict[int, int]:
 
 
 def save_school_counts(path: Path, counts: Mapping[int, int], settings_path: Path | None = None) -> None:
+    """Merge these schools' figures into the counts file, whole or not at all (OSError)."""
     merged = load_school_counts(path)
     merged.update(counts)
     document = {"updated": dt.datetime.now().isoformat(timespec="seconds"),
                 "settings": str(settings_path) if settings_path else None,
                 "active_students": {str(k): v for k, v in sorted(merged.items())}}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(document, indent=1) + "\n", encoding="utf-8")
+    write_atomically(path, json.dumps(document, indent=1) + "\n")
 
 
 class RunLock:
@@ -3414,8 +3553,12 @@ class RunLock:
         self._file: Any = None
 
     def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        stream = open(self.path, "a+", encoding="utf-8")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            stream = open(self.path, "a+", encoding="utf-8")
+        except OSError as exc:  # a lock file an administrator's run left read-only to this account
+            raise StopRun(cannot_write("the run lock", self.path, exc)
+                          + "; this run stops without changing anything") from None
         try:
             self._lock(stream)
         except OSError:
@@ -3443,7 +3586,7 @@ class RunLock:
             self._file = None
 
     def _lock(self, stream: Any) -> None:
-        if os.name == "nt":
+        if WINDOWS:
             import msvcrt
 
             stream.seek(self._OFFSET)
@@ -3454,7 +3597,7 @@ class RunLock:
             fcntl.flock(stream.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
 
     def _unlock(self, stream: Any) -> None:
-        if os.name == "nt":
+        if WINDOWS:
             import msvcrt
 
             stream.seek(self._OFFSET)
@@ -3472,18 +3615,23 @@ class RunLock:
         self.release()
 
 
-def open_run_log(settings: Settings, now: dt.datetime) -> tuple[str, logging.Handler | None, Path | None]:
-    """Claim a run id and open its log file in the logs folder; the oldest logs beyond
-    `keep` are removed.
+def open_run_log(settings: Settings, now: dt.datetime) -> tuple[str, logging.Handler, Path]:
+    """Claim a run id and open its log file in the logs folder; StopRun naming the folder
+    when this account cannot write there.
 
-    The run id is the start time, `20261128-020003`, with a counter when that second's
-    is taken: the log file is created exclusively, so two runs never share an id.
+    The run id is the start time and the settings file's mark, `20261128-020003-1a2b3c4d`,
+    with a counter when that second's is taken: the log file is created exclusively, so two
+    runs never share an id, and every log and journal says which settings file it belongs to.
     """
     folder = settings.logging.dir
-    base = f"{now:%Y%m%d-%H%M%S}"
+    base = f"{now:%Y%m%d-%H%M%S}-{settings.instance}"
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        for n in itertools.count(1):
+        # After the highest counter of this second in use, so that an id freed by pruning
+        # is never given out again, out of order.
+        same_second = re.compile(rf"(?:student_sync|journal)-{re.escape(base)}(?:-(\d+))?\.(?:log|jsonl)")
+        taken = [int(m.group(1) or 1) for p in folder.glob(f"*-{base}*") if (m := same_second.fullmatch(p.name))]
+        for n in itertools.count(max(taken, default=0) + 1):
             run_id = base if n == 1 else f"{base}-{n}"
             path = folder / f"student_sync-{run_id}.log"
             if (folder / f"journal-{run_id}.jsonl").exists():
@@ -3495,19 +3643,30 @@ def open_run_log(settings: Settings, now: dt.datetime) -> tuple[str, logging.Han
                 continue
         handler = logging.FileHandler(path, encoding="utf-8")
     except OSError as exc:
-        log.warning("cannot write a log file in %s: %s", folder, exc.strerror or exc)
-        return f"{base}-{os.getpid()}", None, None
+        raise StopRun(cannot_write("in the logs folder", folder, exc)) from None
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(message)s"))
     handler.setLevel(logging.DEBUG)
     handler._student_sync = True  # type: ignore[attr-defined]
     log.addHandler(handler)
-    logs = sorted(folder.glob("student_sync-*.log"), key=lambda p: p.stat().st_mtime)
-    for stale in logs[:max(0, len(logs) - settings.logging.keep)]:
-        try:
-            stale.unlink()
-        except OSError:
-            pass
     return run_id, handler, path
+
+
+def prune_run_files(settings: Settings) -> None:
+    """Keep this settings file's newest `[logging] keep` logs and, apart from them, its newest
+    `keep` journals.  Files of other settings files sharing the logs folder (another mark in
+    the name) are theirs to prune; files named before marks existed are nobody's."""
+    folder = settings.logging.dir
+    mine = re.compile(rf"(\d{{8}}-\d{{6}})-{re.escape(settings.instance)}(?:-(\d+))?")
+    for prefix, suffix in (("student_sync-", ".log"), ("journal-", ".jsonl")):
+        files = []
+        for path in folder.glob(f"{prefix}*{suffix}"):
+            match = mine.fullmatch(path.name[len(prefix):-len(suffix)])
+            if match:  # oldest first: by start time, then by the counter of runs started in one second
+                files.append((match.group(1), int(match.group(2) or 1), path))
+        files.sort()
+        for _, _, stale in files[:max(0, len(files) - settings.logging.keep)]:
+            with contextlib.suppress(OSError):
+                stale.unlink()
 
 
 # =============================================================================
@@ -4025,6 +4184,24 @@ def _write_report_or_say(path: Path, outcomes: Sequence[Outcome], notices: Seque
         log.error("could not write the report %s: %s", path, exc.strerror or exc)
 
 
+def _save_counts(run: Run, counts: Mapping[int, int]) -> str | None:
+    """Save the school counts once changes are applied; what went wrong, when they could not
+    be saved (the run still writes its report, summary and email, then stops with exit 2)."""
+    try:
+        save_school_counts(run.counts_path, counts, run.settings.path)
+    except OSError as exc:
+        return ("the changes were applied, but " + cannot_write("the school counts", run.counts_path, exc)
+                + "; the next run's source-sanity check compares against the figures before this run")
+    return None
+
+
+def _stop_if(problem: str | None, code: int) -> int:
+    """The run's exit code, or a stop (exit 2) when a state file could not be saved."""
+    if problem:
+        raise StopRun(problem)
+    return code
+
+
 def _finish(run: Run, outcomes: Sequence[Outcome], notices: Sequence[Notice], unchanged: int,
             dry_run: bool = False, unowned: Sequence[Account] = ()) -> int:
     if run.args.report:
@@ -4090,13 +4267,15 @@ def run_sync(run: Run) -> int:
         log.warning("allowed by --allow-mass-changes: %s", problem)
 
     password = _new_account_password(settings, plan_.changes, args.dry_run)
+    counts_problem = None
     if args.dry_run:
         outcomes = _preview(plan_.changes)
     else:
         outcomes = _apply(run, "sync", client, plan_.changes, password,
                           _reconciler(plan_.decisions, directory, settings))
-        save_school_counts(run.counts_path, weighed.enrolled, settings.path)
-    return _finish(run, outcomes, plan_.notices, plan_.unchanged, args.dry_run, unowned)
+        counts_problem = _save_counts(run, weighed.enrolled)
+    code = _finish(run, outcomes, plan_.notices, plan_.unchanged, args.dry_run, unowned)
+    return _stop_if(counts_problem, code)
 
 
 def run_apply_plan(run: Run) -> int:
@@ -4121,6 +4300,7 @@ def run_apply_plan(run: Run) -> int:
         _log_outcome(outcome)
     dry_run = run.args.dry_run
     password = _new_account_password(run.settings, current, dry_run)
+    counts_problem = None
     if dry_run:
         outcomes = _preview(current)
     else:
@@ -4130,8 +4310,8 @@ def run_apply_plan(run: Run) -> int:
         except (AttributeError, TypeError, ValueError):
             active = {}
         if active:  # the reviewed figures become the source-sanity baseline
-            save_school_counts(run.counts_path, active, run.settings.path)
-    return _finish(run, [*outcomes, *stale], [], 0, dry_run)
+            counts_problem = _save_counts(run, active)
+    return _stop_if(counts_problem, _finish(run, [*outcomes, *stale], [], 0, dry_run))
 
 
 def _licence_still_current(change: Change, account: Account | None, directory: Directory,
@@ -4222,6 +4402,11 @@ def run_check(run: Run) -> int:
     problem = _password_problem(settings.accounts.new_password_env)
     report(problem is None, problem + " (needed to create accounts)" if problem else
            f"new-account password is set in {settings.accounts.new_password_env}")
+    for ok, text in _state_file_checks(run):
+        if ok is None:
+            log.warning("%s", text)
+        else:
+            report(ok, text)
     return EXIT_OK if all(results) else EXIT_ERROR
 
 
@@ -4243,6 +4428,29 @@ def _check_licences(client: DirectoryClient, settings: Settings, students: set[s
     held = (f"{len(holders & students)} accounts of the scope hold it ({len(holders)} in all)"
             if students is not None else f"{len(holders)} accounts hold it")
     return True, f"licences: product {lic.product_id}, SKU {lic.sku_id} answer; {held}"
+
+
+def _state_file_checks(run: Run) -> Iterator[tuple[bool | None, str]]:
+    """Every file a run writes, tried by writing one: (passed, line), or (None, a warning)."""
+    refused, _ = try_writing(run.logs, folder=True)
+    if refused:
+        yield False, cannot_write("in the logs folder", run.logs, refused)
+        return
+    files = [("the run lock", run.lock_path, False), ("the school counts", run.counts_path, False)]
+    if run.settings.google.auth == "oauth":
+        files.append(("the token file", run.settings.google.token_file, True))
+    passed = True
+    for what, path, private in files:
+        refused, warning = try_writing(path, private=private)
+        if refused:
+            passed = False
+            yield False, cannot_write(what, path, refused)
+        elif warning:
+            yield None, (f"{what} {path}: files in {path.parent} cannot be made private ({warning}), so other "
+                         "users of this computer may be able to read the token")
+    if passed:
+        yield True, (f"logs folder {run.logs} can be written as {account_name()}, and "
+                     + ", ".join(what.removeprefix("the ") for what, _, _ in files))
 
 
 def _who(settings: Settings) -> str:
@@ -4412,18 +4620,27 @@ def _one_of_the_inputs(path: Path | None, settings: Settings, args: argparse.Nam
 
 
 def _unwritable(path: Path | None) -> str | None:
-    """Why an output file named on the command line cannot be written, found before any change."""
+    """Why an output file named on the command line cannot be written, found before any
+    change by writing there (os.access ignores Windows access lists)."""
     if path is None:
         return None
     if path.is_dir():
         return "it is a folder"
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        return f"folder {path.parent} cannot be made ({exc.strerror or exc})"
-    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        return "no permission to write there"
+    refused, _ = try_writing(path)
+    if refused:
+        return (f"{refused.strerror or type(refused).__name__} for {account_name()}"
+                + (" (is it open in another program?)" if path.exists() else ""))
     return None
+
+
+def _beside_settings(args: argparse.Namespace, settings: Settings) -> None:
+    """Relative --report, --plan-out and --apply-plan paths are relative to the settings
+    file's folder: Task Scheduler starts a task in System32."""
+    base = settings.path.resolve().parent
+    for name in ("report", "plan_out", "apply_plan"):
+        value = getattr(args, name)
+        if value is not None and not value.is_absolute():
+            setattr(args, name, base / value)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -4447,6 +4664,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.error("%s", exc)
             return exc.exit_code
 
+    _beside_settings(args, settings)
     for option, path in (("--report", args.report), ("--plan-out", args.plan_out)):
         problem = _one_of_the_inputs(path, settings, args)
         if problem:
@@ -4457,7 +4675,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if problem:
             log.error("%s %s cannot be written: %s", option, path, problem)
             return EXIT_ERROR
-    run_id, handler, log_path = open_run_log(settings, dt.datetime.now())
+    now = dt.datetime.now()
+    try:
+        run_id, handler, log_path = open_run_log(settings, now)
+    except StopRun as exc:
+        run_id, handler, log_path = f"{now:%Y%m%d-%H%M%S}-{settings.instance}", None, None
+        if not args.check:  # --check goes on without a log, and fails the logs folder's line
+            log.error("%s", exc)
+            _email_after(Run(args, settings, run_id), exc.exit_code, str(exc))
+            return exc.exit_code
     run = Run(args, settings, run_id, log_path)
     code, fatal = EXIT_ERROR, None
     try:
@@ -4483,6 +4709,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if handler is not None:
                 log.removeHandler(handler)
                 handler.close()
+                prune_run_files(settings)
     return code
 
 

@@ -307,6 +307,22 @@ def lock_holder(sync):
         holder.stdout.close()
 
 
+def wait_until_free(path: Path, within: float = 10.0) -> None:
+    """Wait on the lock itself: Windows frees a killed process's byte-range locks a moment
+    after the process ends, not at once, so the test asks the lock rather than a clock."""
+    deadline = time.monotonic() + within
+    while True:
+        probe = student_sync.RunLock(path)
+        try:
+            probe.acquire()
+        except student_sync.StopRun:
+            assert time.monotonic() < deadline, f"the lock {path} was never freed"
+            time.sleep(0.02)
+            continue
+        probe.release()
+        return
+
+
 def test_second_run_stops_at_once_while_another_holds_the_lock(sync, lock_holder):
     sync.student(2001)
 
@@ -320,6 +336,8 @@ def test_second_run_stops_at_once_while_another_holds_the_lock(sync, lock_holder
     lock_holder.kill()                                   # dies without releasing anything
     lock_holder.wait(timeout=10)
     assert lock_path(sync).exists()
+    wait_until_free(lock_path(sync))                     # the system frees a dead holder's lock
+
 
     result = sync.run("--all")
 
