@@ -3387,8 +3387,7 @@ def write_plan_file(path: Path, plan_: Plan, *, scope: Scope, today: dt.date,
         "changes": [change_to_json(c) for c in plan_.changes],
         "notices": [dataclasses.asdict(n) for n in plan_.notices],
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(document, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_atomically(path, json.dumps(document, indent=1, ensure_ascii=False) + "\n")
 
 
 def read_plan_file(path: Path, settings: Settings) -> tuple[dict[str, Any], list[Change]]:

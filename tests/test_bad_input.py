@@ -439,8 +439,9 @@ def test_an_output_path_that_is_an_input_of_the_tool_is_refused(sync, option, wh
     target = inputs[which]
     sync.ps.connection.commit()
     before = target.read_bytes()
-    # Spelled another way than the settings spell it, as a person would type it.
-    spelled = Path(os.path.relpath(target, Path.cwd()))
+    # Spelled another way than the settings spell it, as a person would type it: relative,
+    # which is relative to the settings file's folder (issue 13: tasks start in System32).
+    spelled = Path(os.path.relpath(target, sync.settings_path.parent))
 
     result = sync.run("--all", "--dry-run", option, str(spelled))
 
