@@ -3225,16 +3225,18 @@ class Applier:
             return Outcome(change, Status.FAILED, f"not sent: the settings' [licenses] is not for {change.sku}")
         assignments = self.client.licence_assignments()
         if RELEASE_LICENSE in change.labels:
-            return self._release(change, assignments.delete(
-                productId=lic.product_id, skuId=lic.sku_id, userId=change.email))
-        return self._assign(change, assignments.insert(
-            productId=lic.product_id, skuId=lic.sku_id, body={"userId": change.email}))
+            return self._release(change, _WatchedRequest(assignments.delete(
+                productId=lic.product_id, skuId=lic.sku_id, userId=change.email)))
+        return self._assign(change, _WatchedRequest(assignments.insert(
+            productId=lic.product_id, skuId=lic.sku_id, body={"userId": change.email})))
 
-    def _release(self, change: Change, delete: Any) -> Outcome:
+    def _release(self, change: Change, delete: _WatchedRequest) -> Outcome:
         try:
             self.client.call(delete)
         except _http_error_class() as exc:
             status, _, message = _http_error_parts(exc)
+            if status == 404 and delete.answer_lost:  # our own earlier try released it
+                return Outcome(change, Status.APPLIED, note="released (the first answer was lost)")
             if status == 404:  # the licence is gone already: what the release wanted
                 return Outcome(change, Status.APPLIED, note="the licence was gone already", made=())
             if status == 412 and "auto" in message.lower():
@@ -3246,7 +3248,7 @@ class Applier:
             raise
         return Outcome(change, Status.APPLIED)
 
-    def _assign(self, change: Change, insert: Any) -> Outcome:
+    def _assign(self, change: Change, insert: _WatchedRequest) -> Outcome:
         sku = change.sku
         if self.seats_gone is not None:
             return self._seatless(Outcome(change, Status.FAILED, f"not assigned: no licences {sku} left"))
@@ -3257,6 +3259,8 @@ class Applier:
                 return Outcome(change, Status.APPLIED)
             except _http_error_class() as exc:
                 status, _, message = _http_error_parts(exc)
+                if status == 409 and insert.answer_lost:  # our own earlier try assigned it
+                    return Outcome(change, Status.APPLIED, note="assigned (the first answer was lost)")
                 if status == 409:  # held already: what the assign wanted
                     return Outcome(change, Status.APPLIED, note="the account held the licence already", made=())
                 if 400 <= status < 500 and _OUT_OF_SEATS.search(message):

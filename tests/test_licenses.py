@@ -785,3 +785,82 @@ def test_authorize_asks_for_the_licensing_scope_only_with_a_licenses_section(syn
     assert sync.run("--authorize").code == 0
 
     assert SCOPE not in asked[0] and SCOPE in asked[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. Lost answers
+# ---------------------------------------------------------------------------------------------
+
+
+def lose_first_answer(sync, monkeypatch, method: str) -> None:
+    """The first licence call of `method` is applied, then answered 503 (its answer lost)."""
+    from testkit.directory_server import _fault_response
+
+    licensing = sync.server.licensing
+    original = licensing.execute
+    lost = {"done": False}
+
+    def execute(verb, path, query, body):
+        response = original(verb, path, query, body)
+        if verb == method and not lost["done"] and response.status < 300:
+            lost["done"] = True
+            return _fault_response("503")
+        return response
+
+    monkeypatch.setattr(licensing, "execute", execute)
+
+
+def test_a_release_whose_answer_was_lost_is_journalled_and_undone(sync, monkeypatch, no_backoff):
+    with_licences(sync)
+    withdrawn(sync, 800)
+    give(sync, 800)
+    lose_first_answer(sync, monkeypatch, "DELETE")
+
+    result = sync.run("--all")
+
+    assert result.code == 0, result.output
+    assert [r.status for r in licence_calls(sync, "DELETE")] == [503, 404]
+    entries = [e for e in journal(sync, run_id_of(result)) if e["action"] == "license"]
+    assert [e["result"] for e in entries] == ["applied"]
+    assert not holds(sync, 800)
+
+    assert sync.run("--undo", run_id_of(result)).code == 0
+    assert holds(sync, 800)
+
+
+def test_an_assign_whose_answer_was_lost_is_journalled_and_undone(sync, monkeypatch, no_backoff):
+    with_licences(sync, assign=True)
+    sync.student(810)
+    sync.account(810)
+    lose_first_answer(sync, monkeypatch, "POST")
+
+    result = sync.run("--all")
+
+    assert result.code == 0, result.output
+    assert [r.status for r in licence_calls(sync, "POST")] == [503, 409]
+    entries = [e for e in journal(sync, run_id_of(result)) if e["action"] == "license"]
+    assert [e["result"] for e in entries] == ["applied"]
+
+    assert sync.run("--undo", run_id_of(result)).code == 0
+    assert not holds(sync, 810)
+
+
+def test_a_licence_found_already_released_is_not_reassigned_by_undo(sync, monkeypatch):
+    with_licences(sync)
+    withdrawn(sync, 820)
+    give(sync, 820)
+    licensing = sync.server.licensing
+    original = licensing.execute
+
+    def gone_meanwhile(method, path, query, body):
+        if method == "DELETE" and licensing.holds(email(820), PLUS):
+            licensing.release(email(820), PLUS)
+        return original(method, path, query, body)
+
+    monkeypatch.setattr(licensing, "execute", gone_meanwhile)
+    result = sync.run("--all")
+    assert result.code == 0, result.output
+    monkeypatch.setattr(licensing, "execute", original)
+
+    assert sync.run("--undo", run_id_of(result)).code == 0
+    assert not holds(sync, 820)   # this run never took it: its undo does not give it back
