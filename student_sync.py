@@ -1560,8 +1560,8 @@ def read_api_students(api: PowerSchoolApi, scope: Scope, schools: Mapping[int, S
             grade_level=values.get("grade_level"),
             school=schools.get(school_number) if school_number is not None else None))
     in_scope = [r.school is not None and r.school.number in scope.school_numbers for r in rows]
-    numbers = {_as_int(r.student_number) for r, inside in zip(rows, in_scope) if inside} - {None}
-    return [r for r, inside in zip(rows, in_scope) if inside or _as_int(r.student_number) in numbers]
+    numbers = {as_student_number(r.student_number) for r, inside in zip(rows, in_scope) if inside} - {None}
+    return [r for r, inside in zip(rows, in_scope) if inside or as_student_number(r.student_number) in numbers]
 
 
 def check_api_access(api: PowerSchoolApi) -> list[str]:
@@ -4424,10 +4424,12 @@ def _check_licences(client: DirectoryClient, settings: Settings, students: set[s
         return False, str(exc)
     except RefreshError as exc:
         return False, _describe_refresh_error(exc, settings)
+    except NonJsonAnswer as exc:
+        return False, f"licences could not be read: {exc}"
     except Exception as exc:
         if not _is_network_error(exc):
             raise
-        return False, f"licences could not be read: cannot reach Google ({type(exc).__name__})"
+        return False, f"licences could not be read: cannot reach Google ({describe_network_error(exc)})"
     held = (f"{len(holders & students)} accounts of the scope hold it ({len(holders)} in all)"
             if students is not None else f"{len(holders)} accounts hold it")
     return True, f"licences: product {lic.product_id}, SKU {lic.sku_id} answer; {held}"
