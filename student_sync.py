@@ -1286,8 +1286,17 @@ class PowerSchoolApi:
         return session
 
     def _unreachable(self, exc: Exception) -> SourceError:
-        kind = "no answer in time" if isinstance(exc, self._requests.Timeout) else \
-            "connection refused" if "refused" in str(exc).lower() else type(exc).__name__
+        text = str(exc).lower()
+        if isinstance(exc, self._requests.exceptions.SSLError):
+            kind = "its certificate is not trusted by this machine"
+        elif isinstance(exc, self._requests.Timeout):
+            kind = "no answer in time"
+        elif "refused" in text:
+            kind = "connection refused"
+        elif any(word in text for word in ("resolve", "getaddrinfo", "name or service", "nodename")):
+            kind = "unknown host name"
+        else:
+            kind = type(exc).__name__
         return SourceError(f"PowerSchool: cannot reach {self.url} ({kind}): is [powerschool] url the "
                            "PowerSchool server's address, and is it up?")
 
@@ -1492,8 +1501,12 @@ class PowerSchoolApi:
             workers = max(1, min(_API_WORKERS, pages))
             with concurrent.futures.ThreadPoolExecutor(max_workers=workers,
                                                        thread_name_prefix="powerschool") as pool:
-                results = list(pool.map(lambda n: self.page(table, columns, n, self.page_size),
-                                        range(1, pages + 1)))
+                try:
+                    results = list(pool.map(lambda n: self.page(table, columns, n, self.page_size),
+                                            range(1, pages + 1)))
+                except BaseException:
+                    pool.shutdown(wait=False, cancel_futures=True)  # no new page after a stop
+                    raise
             rows = [pair for result in results for pair in result]
             keys = [key for key, _ in rows if key is not None]
             if len(rows) == expected and len(set(keys)) == len(keys):
