@@ -1851,9 +1851,11 @@ def _describe_refresh_error(exc: Exception, settings: Settings) -> str:
         return ("Google: domain-wide delegation is not granted for this service account and these "
                 "scopes (unauthorized_client): add the client ID and scopes in the Admin console, "
                 f"Security > API controls > Domain-wide delegation{licensing} (see README)")
-    if "invalid_scope" in text:
-        return (f"Google: the saved token does not cover every scope this run needs{licensing} "
-                "(invalid_scope): run 'python student_sync.py --authorize' again")
+    if "invalid_scope" in text or "access_denied" in text:
+        reason = "invalid_scope" if "invalid_scope" in text else "access_denied"
+        return (f"Google: the authorization does not cover every scope this run needs{licensing} "
+                f"({reason}): run 'python student_sync.py --authorize' again, or with a service account "
+                "add the scopes to its domain-wide delegation (see README)")
     if "invalid_grant" in text:
         if settings.google.auth == "service_account":
             return (f"Google: the service account could not act as {settings.google.delegated_admin} "

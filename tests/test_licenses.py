@@ -19,6 +19,7 @@ from conftest import WHS_9, email
 import student_sync
 from testkit import district
 from testkit.directory_server import FaultPlan
+from test_safety import token_endpoint  # noqa: F401 - a fixture
 
 PRODUCT, PLUS, STANDARD = "101031", "1010310008", "1010310005"
 SCOPE = "https://www.googleapis.com/auth/apps.licensing"
@@ -864,3 +865,41 @@ def test_a_licence_found_already_released_is_not_reassigned_by_undo(sync, monkey
 
     assert sync.run("--undo", run_id_of(result)).code == 0
     assert not holds(sync, 820)   # this run never took it: its undo does not give it back
+
+
+def test_service_account_without_the_licensing_scope_delegated_is_exit_2_naming_it(sync, token_endpoint):
+    from test_safety import NO_DELEGATION, write_service_account_key
+
+    token_endpoint.status, token_endpoint.answer = 401, NO_DELEGATION
+    write_service_account_key(sync.folder / "service-account.json", token_endpoint.url)
+    sync.settings({"google": {"auth": "service_account", "service_account_file": "service-account.json",
+                              "delegated_admin": "admin@d118.org"},
+                   "licenses": {"product_id": PRODUCT, "sku_id": PLUS}})
+    withdrawn(sync, 720)
+
+    result = sync.run("--all")
+
+    assert result.code == 2, result.output
+    assert "delegation" in result.output.lower() and SCOPE in result.output
+    assert sync.writes() == []
+
+
+def test_refused_scopes_at_refresh_are_exit_2_asking_for_authorize(sync, token_endpoint):
+    from test_safety import write_token as write_expired_token
+
+    token_endpoint.status = 400
+    token_endpoint.answer = {"error": "invalid_scope", "error_description": "Bad Request"}
+    sync.settings({"google": {"auth": "oauth", "token_file": "token.json"},
+                   "licenses": {"product_id": PRODUCT, "sku_id": PLUS}})
+    write_expired_token(sync.folder / "token.json", token_endpoint.url, expiry="2020-01-01T00:00:00Z")
+    path = sync.folder / "token.json"
+    token = json.loads(path.read_text(encoding="utf-8"))
+    token["scopes"] = [*token["scopes"], SCOPE]   # says it has it; Google refuses it at refresh
+    path.write_text(json.dumps(token), encoding="utf-8")
+    withdrawn(sync, 730)
+
+    result = sync.run("--all")
+
+    assert result.code == 2, result.output
+    assert "--authorize" in result.output and SCOPE in result.output
+    assert sync.writes() == []
