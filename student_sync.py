@@ -53,8 +53,10 @@ import json
 import logging
 import math
 import os
+import queue
 import random
 import re
+import signal
 import socket
 import sqlite3
 import ssl
@@ -90,6 +92,7 @@ EXIT_OK = 0
 EXIT_FAILURES = 1
 EXIT_ERROR = 2
 EXIT_SAFETY = 3
+EXIT_INTERRUPTED = 130   # Ctrl-C, as shells report a program ended by SIGINT
 
 # Windows is the tool's usual home.  Every platform choice reads this one flag (never
 # os.name inline), so that the tests run the Windows branches on Linux too.
@@ -2984,6 +2987,49 @@ class Status(StrEnum):
     STALE = "stale"                # the account changed since the plan: skipped
     PLANNED = "planned"            # a dry run's
     NOT_APPLIED = "not applied"    # stopped by a safety limit
+    NOT_TRIED = "not tried"        # the run stopped handing out changes before this one
+
+
+# Changes in a row that failed, none succeeding in between, before the run decides Google
+# is down and stops: in an outage every change costs its whole retry schedule (about 30 s).
+MAX_CONSECUTIVE_FAILURES = 20
+
+
+class StopReason(StrEnum):
+    """Why a run stopped handing out changes before the end of its plan."""
+
+    INTERRUPTED = "interrupted"
+    AUTHORIZATION_LOST = "Google's authorization was lost"
+    JOURNAL_FAILED = "the journal could not be written"
+    OUTAGE = f"a Google outage ({MAX_CONSECUTIVE_FAILURES} changes in a row failed)"
+
+    @property
+    def exit_code(self) -> int:
+        return {StopReason.INTERRUPTED: EXIT_INTERRUPTED, StopReason.OUTAGE: EXIT_FAILURES}.get(self, EXIT_ERROR)
+
+
+class Halt:
+    """The one way to stop handing out changes: the first reason (and its message) wins.
+
+    Called from worker threads, the journal writer and signal handlers; the lock is
+    re-entrant because a signal handler runs on the main thread, possibly inside `stop`.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self.reason: StopReason | None = None
+        self.message = ""
+
+    def stop(self, reason: StopReason, message: str) -> bool:
+        """Stop for `reason`; False when the run was already stopping."""
+        with self._lock:
+            if self.reason is not None:
+                return False
+            self.reason, self.message = reason, message
+            return True
+
+    def __bool__(self) -> bool:
+        return self.reason is not None
 
 
 @dataclass
@@ -3023,14 +3069,6 @@ def failed_students(notices: Iterable[Notice], outcomes: Iterable[Outcome] = ())
     """(student number, email) of every student with a bad-data error or a failed change."""
     failed = {(n.student_number, n.email) for n in notices if n.level == Level.ERROR}
     return failed | {(str(o.change.student_number), o.change.email) for o in outcomes if o.failed}
-
-
-class _Failed(Exception):
-    """Carries a failed change's outcome out of the steps that made part of it."""
-
-    def __init__(self, outcome: Outcome):
-        super().__init__(outcome.result)
-        self.outcome = outcome
 
 
 def _answer_lost(exc: BaseException) -> bool:
@@ -3076,10 +3114,12 @@ class Applier:
     """
 
     def __init__(self, client: DirectoryClient, settings: Settings, password: str | None,
-                 creates: RateLimiter, reconcile: Reconcile | None = None, workers: int = 8):
+                 creates: RateLimiter, reconcile: Reconcile | None = None, workers: int = 8,
+                 halt: Halt | None = None):
         self.client, self.settings, self._password = client, settings, password
         self.creates, self.reconcile, self.workers = creates, reconcile, workers
-        self.authorization_lost: str | None = None
+        self.halt = halt if halt is not None else Halt()
+        self._failed_in_a_row = 0
         # Google's word that no licences of the SKU are left; then the assigns not made.
         self.seats_gone: str | None = None
         self.seatless: list[Outcome] = []
@@ -3096,32 +3136,71 @@ class Applier:
             waiting = [c for c in wave if _key(c.email) not in undone]
             for change in wave:
                 if _key(change.email) in undone:
-                    outcome = Outcome(change, Status.FAILED, "not attempted: the account change before it "
-                                                             "did not go through")
+                    outcome = (Outcome(change, Status.NOT_TRIED, str(self.halt.reason)) if self.halt else
+                               Outcome(change, Status.FAILED, "not attempted: the account change before it "
+                                                              "did not go through"))
                     outcomes.append(outcome)
-                    if progress:
+                    if progress and not self.halt:
                         progress(outcome)
             outcomes += self._apply_together(waiting, progress)
         return outcomes
 
     def _apply_together(self, changes: Sequence[Change],
                         progress: Callable[[Outcome], None] | None = None) -> list[Outcome]:
-        """Apply changes concurrently; outcomes in the order of `changes`."""
+        """Apply `changes` on the worker threads, handing them out one at a time until they
+        end or `halt` stops the run; a change never handed out is NOT_TRIED.  The ones in
+        flight when the run stops finish.  `progress` gets each outcome as it arrives, on
+        the calling thread (the journal is written there); outcomes in the order of `changes`."""
         outcomes: list[Outcome | None] = [None] * len(changes)
-        with concurrent.futures.ThreadPoolExecutor(max_workers=self.workers,
+        arrived: queue.Queue[tuple[int, Outcome] | None] = queue.Queue()
+        pending = iter(enumerate(changes))
+        handing = threading.Lock()
+
+        def next_change() -> tuple[int, Change] | None:
+            with handing:
+                return None if self.halt else next(pending, None)
+
+        def work() -> None:
+            try:
+                while (item := next_change()) is not None:
+                    arrived.put((item[0], self.apply_one(item[1])))
+            finally:
+                arrived.put(None)  # this worker is done
+
+        workers = min(self.workers, len(changes))
+        with concurrent.futures.ThreadPoolExecutor(max_workers=max(workers, 1),
                                                    thread_name_prefix="apply") as pool:
-            futures = {pool.submit(self.apply_one, change): i for i, change in enumerate(changes)}
-            for future in concurrent.futures.as_completed(futures):
-                outcome = future.result()  # apply_one turns every error into an outcome
-                outcomes[futures[future]] = outcome
+            running = [pool.submit(work) for _ in range(workers)]
+            done = 0
+            while done < workers:
+                try:  # a short wait, so that Ctrl-C is handled promptly on Windows too
+                    item = arrived.get(timeout=0.25)
+                except queue.Empty:
+                    continue
+                if item is None:
+                    done += 1
+                    continue
+                outcomes[item[0]] = item[1]
+                self._watch_for_outage(item[1])
                 if progress:
-                    progress(outcome)
-        return [o for o in outcomes if o is not None]
+                    progress(item[1])
+        for future in running:
+            future.result()  # a defect in a worker is not swallowed
+        return [outcome or Outcome(change, Status.NOT_TRIED, str(self.halt.reason))
+                for outcome, change in zip(outcomes, changes)]
+
+    def _watch_for_outage(self, outcome: Outcome) -> None:
+        if outcome.ok:
+            self._failed_in_a_row = 0
+        elif outcome.failed:
+            self._failed_in_a_row += 1
+            if self._failed_in_a_row >= MAX_CONSECUTIVE_FAILURES:
+                self.halt.stop(StopReason.OUTAGE, f"{self._failed_in_a_row} changes in a row failed, none "
+                               f"succeeding in between (the last: {outcome.detail}): an outage at Google, "
+                               "so the run stopped applying; the next run tries the rest")
 
     def apply_one(self, change: Change) -> Outcome:
         """Apply one change; every failure becomes the change's outcome."""
-        if self.authorization_lost is not None:
-            return Outcome(change, Status.FAILED, "not attempted, Google authorization was lost")
         try:
             if change.action == Action.CREATE:
                 return self._create(change)
@@ -3131,8 +3210,6 @@ class Applier:
                 return self._licence(change)
             self._update(change.email, change.after)
             return Outcome(change, Status.APPLIED)
-        except _Failed as failure:
-            return failure.outcome
         except Exception as exc:  # one student's failure must not stop the others' outcomes
             return self._failure(change, exc)
 
@@ -3143,8 +3220,8 @@ class Applier:
         if isinstance(exc, _http_error_class()):
             return Outcome(change, Status.FAILED, f"{describe_http_error(exc)}", notices=notices)
         if isinstance(exc, RefreshError):
-            # Nothing after this can succeed: stop the others too.
-            self.authorization_lost = _describe_refresh_error(exc, self.settings)
+            # Nothing after this can succeed: stop handing out changes.
+            self.halt.stop(StopReason.AUTHORIZATION_LOST, _describe_refresh_error(exc, self.settings))
             return Outcome(change, Status.FAILED, "Google authorization was lost", notices=notices)
         if _is_network_error(exc):
             return Outcome(change, Status.FAILED, f"connection error ({type(exc).__name__})", notices=notices)
@@ -3210,27 +3287,23 @@ class Applier:
 
     def _suspend(self, change: Change) -> Outcome:
         removed: list[str] = []
-        if change.remove_groups:
-            # Groups go first: if a removal fails the account stays active, and the next
-            # run, seeing it active, removes and suspends again.
-            members = self.client.resource("members")
-            for group in self._groups_of(change.email):
-                delete = _WatchedRequest(members.delete(groupKey=group, memberKey=change.email))
-                try:
-                    self.client.call(delete)
-                    removed.append(group)
-                except _http_error_class() as exc:
-                    if _http_error_parts(exc)[0] == 404:
-                        if delete.answer_lost:  # our own earlier try removed it
-                            removed.append(group)
-                        continue  # already gone
-                    return Outcome(change, Status.FAILED, f"removing from group {group}: "
-                                           f"{describe_http_error(exc)}; not suspended", groups_removed=tuple(removed))
+        step = "listing its groups"
         try:
+            if change.remove_groups:
+                # Groups go first: if a removal fails the account stays active, and the next
+                # run, seeing it active, removes and suspends again.
+                members = self.client.resource("members")
+                for group in self._groups_of(change.email):
+                    step = f"removing from group {group}"
+                    if self._remove_member(members, group, change.email):
+                        removed.append(group)
+            step = "suspending after group removal" if change.remove_groups else ""
             self._update(change.email, change.after)
-        except Exception as exc:  # keep the groups already removed in the outcome
-            raise _Failed(Outcome(change, Status.FAILED, f"suspending after group removal: "
-                                          f"{_describe_any(exc)}", groups_removed=tuple(removed))) from exc
+        except Exception as exc:  # any failure, authorization lost included: keep what was removed
+            failure = self._failure(change, exc)
+            detail = failure.detail if not step else f"{step}: {failure.detail}" + (
+                "" if step.startswith("suspending") else "; not suspended")
+            return dataclasses.replace(failure, detail=detail, groups_removed=tuple(removed))
         return Outcome(change, Status.APPLIED, groups_removed=tuple(removed))
 
     def _licence(self, change: Change) -> Outcome:
@@ -3289,6 +3362,20 @@ class Applier:
     def _seatless(self, outcome: Outcome) -> Outcome:
         self.seatless.append(outcome)
         return outcome
+
+    def _remove_member(self, members: Any, group: str, email: str) -> bool:
+        """Remove `email` from `group`; False when somebody else had already removed it.
+
+        A 404 after one of our own tries lost its answer is that try's doing: ours.
+        """
+        delete = _WatchedRequest(members.delete(groupKey=group, memberKey=email))
+        try:
+            self.client.call(delete)
+            return True
+        except _http_error_class() as exc:
+            if _http_error_parts(exc)[0] != 404:
+                raise
+            return delete.answer_lost
 
     def _groups_of(self, email: str) -> list[str]:
         groups_api = self.client.resource("groups")
@@ -3829,6 +3916,8 @@ class Summary:
     seconds: float
     dry_run: bool
     unowned: int = 0
+    not_tried: int = 0
+    stopped: str = ""       # why the run stopped handing out changes, when it did
 
     def text(self) -> str:
         order = [("create", "creates"), ("move", "moves"), ("rename", "renames"),
@@ -3842,13 +3931,17 @@ class Summary:
                 f"{self.failures} failed")
         if self.stale:
             text += f", {self.stale} stale"
+        if self.not_tried:
+            text += f", {self.not_tried} not tried"
+        if self.stopped:
+            text += f"; stopped early: {self.stopped}"
         if self.unowned:
             text += f"; {self.unowned} accounts nobody owns"
         return text + f"; {self.seconds:.1f} s"
 
 
 def summarize(outcomes: Sequence[Outcome], notices: Sequence[Notice], unchanged: int,
-              dry_run: bool, seconds: float, unowned: int = 0) -> Summary:
+              dry_run: bool, seconds: float, unowned: int = 0, stopped: str | None = None) -> Summary:
     counts: Counter[str] = Counter()
     for outcome in outcomes:
         # What was really sent: a create answered 409 counts as its follow-up, if any.
@@ -3859,7 +3952,8 @@ def summarize(outcomes: Sequence[Outcome], notices: Sequence[Notice], unchanged:
     levels = Counter(n.level for n in notices)
     return Summary(counts=counts, unchanged=unchanged, skipped=levels[Level.SKIP], warnings=levels[Level.WARNING],
                    failures=len(failed_students(notices, outcomes)), stale=sum(o.status == Status.STALE for o in outcomes),
-                   seconds=seconds, dry_run=dry_run, unowned=unowned)
+                   seconds=seconds, dry_run=dry_run, unowned=unowned,
+                   not_tried=sum(o.status == Status.NOT_TRIED for o in outcomes), stopped=stopped or "")
 
 
 class Progress:
@@ -3959,6 +4053,7 @@ class Run:
     failures_to_email: list[str] = field(default_factory=list)   # the email's "Failures:" lines
     started: float = field(default_factory=time.monotonic)
     source_version: str = ""                        # PowerSchool's, once connected
+    halt: Halt = field(default_factory=Halt)        # why the applying stopped early, if it did
 
     @property
     def logs(self) -> Path:
@@ -4143,17 +4238,21 @@ def _reconciler(decisions: Mapping[str, Decision], directory: Directory, setting
 
 def _apply(run: Run, kind: str, client: DirectoryClient, changes: Sequence[Change], password: str | None,
            reconcile: Reconcile | None = None) -> list[Outcome]:
-    """Apply changes, logging and journalling each outcome as it arrives."""
+    """Apply changes, logging and journalling each outcome as it arrives.
+
+    The run stops handing out changes (`run.halt` says why) on Ctrl-C, when the journal
+    cannot be written, when Google's authorization is lost, and in an outage; the changes
+    under way finish and are journalled.
+    """
     if not changes:
         return []
     journal = Journal(run.logs, run.run_id, kind)
     applier = Applier(client, run.settings, password, RateLimiter(run.settings.google.max_creates_per_second),
-                      reconcile)
+                      reconcile, halt=run.halt)
     progress = Progress("applying", len(changes))
-    journal_error: str | None = None
+    journal_error: list[str] = []
 
     def arrived(outcome: Outcome) -> None:
-        nonlocal journal_error
         progress.step()
         for notice in outcome.notices:
             _log_notice(notice)
@@ -4161,25 +4260,32 @@ def _apply(run: Run, kind: str, client: DirectoryClient, changes: Sequence[Chang
             log.info("student %s: %s", outcome.change.student_number, outcome.result)  # one error says it all
         else:
             _log_outcome(outcome)
-        if journal_error is not None:
-            return
+        if journal_error:
+            return  # after a failed write, a line appended behind a half-written one would be lost too
         try:
             journal.record(outcome)
-        except OSError as exc:  # the changes go on; the undo of this run will be partial
-            journal_error = str(exc.strerror or exc)
-            log.error("cannot write the journal %s (%s): this run cannot be fully undone",
-                      journal.path, journal_error)
+        except OSError as exc:
+            journal_error.append(f"cannot write the journal {journal.path} ({exc.strerror or exc}): "
+                                 f"is the disk of {run.logs} full? No new change was started; free some "
+                                 "space there before the next run")
+            log.error("%s", journal_error[0])
+            run.halt.stop(StopReason.JOURNAL_FAILED, journal_error[0])
 
-    try:
-        outcomes = applier.apply(changes, progress=arrived)
-    finally:
-        progress.close()
+    with _stop_signals(run.halt):
+        try:
+            outcomes = applier.apply(changes, progress=arrived)
+        finally:
+            progress.close()
     log.info("journal: %s (undo with --undo %s)", journal.path, run.run_id)
-    if applier.authorization_lost:
-        message = (applier.authorization_lost + f"; {sum(o.ok for o in outcomes)} changes were applied "
-                   "before that, the others were not attempted")
+    if run.halt:
+        applied = sum(o.ok for o in outcomes)
+        not_tried = sum(o.status == Status.NOT_TRIED for o in outcomes)
+        message = (f"{run.halt.message}; {applied} changes were applied before the run stopped, "
+                   f"{not_tried} were not tried")
         log.error("%s", message)
         run.failures_to_email.append(message)
+        if journal_error and run.halt.reason != StopReason.JOURNAL_FAILED:
+            run.failures_to_email.append(journal_error[0])
     if applier.seatless:
         lic = run.settings.licenses
         message = (f"licences: no licences {lic.sku_id} (product {lic.product_id}) are left "
@@ -4189,6 +4295,43 @@ def _apply(run: Run, kind: str, client: DirectoryClient, changes: Sequence[Chang
         log.error("%s", message)
         run.failures_to_email.append(message)
     return outcomes
+
+
+_SIGNAL_NAMES = {"SIGINT": "Ctrl-C", "SIGBREAK": "Ctrl-Break or the console closing",
+                 "SIGTERM": "a request to stop (SIGTERM)"}
+
+
+@contextlib.contextmanager
+def _stop_signals(halt: Halt) -> Iterator[None]:
+    """While changes are applied, Ctrl-C -- and Ctrl-Break, a closing console window or a
+    stop request, where Python can catch them -- stop handing out changes instead of
+    ending the run in the middle of one; a second one changes nothing.  Handlers can only
+    be set on the main thread; the previous ones come back afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(number: int, frame: Any) -> None:
+        name = _SIGNAL_NAMES.get(signal.Signals(number).name, signal.Signals(number).name)
+        if halt.stop(StopReason.INTERRUPTED, f"interrupted ({name}): no new change was started, the ones "
+                     "under way finished and are in the journal"):
+            log.warning("%s: finishing the changes under way, then stopping", name)
+        else:
+            log.warning("%s again: still finishing the changes under way, so that the journal has them", name)
+
+    previous = {}
+    for name in _SIGNAL_NAMES:  # SIGBREAK exists on Windows only
+        number = getattr(signal, name, None)
+        if number is not None:
+            try:
+                previous[number] = signal.signal(number, handler)
+            except (OSError, ValueError):
+                pass
+    try:
+        yield
+    finally:
+        for number, old in previous.items():
+            signal.signal(number, old if old is not None else signal.SIG_DFL)
 
 
 def _write_report_or_say(path: Path, outcomes: Sequence[Outcome], notices: Sequence[Notice],
@@ -4225,7 +4368,7 @@ def _finish(run: Run, outcomes: Sequence[Outcome], notices: Sequence[Notice], un
     if run.args.report:
         _write_report_or_say(run.args.report, outcomes, notices, unowned)
     run.summary = summarize(outcomes, notices, unchanged, dry_run, time.monotonic() - run.started,
-                            len(unowned))
+                            len(unowned), run.halt.reason)
     for outcome in outcomes:
         if outcome.failed:
             run.failures_to_email.append(f"student {outcome.change.student_number} ({outcome.change.email}): {outcome.result}")
@@ -4233,6 +4376,8 @@ def _finish(run: Run, outcomes: Sequence[Outcome], notices: Sequence[Notice], un
         if notice.level == Level.ERROR:
             run.failures_to_email.append(f"student {notice.student_number} ({notice.email}): {notice.message}")
     log.info("%s", run.summary.text())
+    if run.halt.reason is not None:
+        return run.halt.reason.exit_code
     return EXIT_FAILURES if run.summary.failures else EXIT_OK
 
 
@@ -4532,8 +4677,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="student_sync.py",
         description="Keep Google Workspace student accounts in step with PowerSchool.",
-        epilog="Exit codes: 0 in step, 1 some students failed, 2 usage/settings/connection/"
-               "authorization error, 3 stopped by a safety limit.",
+        epilog="Exit codes: 0 in step, 1 some students failed (or a long outage stopped the changes), "
+               "2 usage/settings/connection/authorization error (or, part-way, authorization lost or the "
+               "journal unwritable), 3 stopped by a safety limit, 130 interrupted (Ctrl-C): the changes "
+               "under way finished and are in the journal.",
     )
     scope = parser.add_mutually_exclusive_group()
     scope.add_argument("--all", action="store_true", help="every building")
@@ -4593,7 +4740,9 @@ def _email_after(run: Run, code: int, fatal: str | None) -> None:
     if em is None or run.args.check or (em.when == "problems" and code == EXIT_OK):
         return
     outcome = {EXIT_OK: "OK", EXIT_FAILURES: "some students failed", EXIT_ERROR: "could not run",
-               EXIT_SAFETY: "stopped by a safety limit"}.get(code, f"exit {code}")
+               EXIT_SAFETY: "stopped by a safety limit", EXIT_INTERRUPTED: "interrupted"}.get(code, f"exit {code}")
+    if run.halt.reason is not None and run.halt.reason != StopReason.INTERRUPTED:
+        outcome = f"stopped early, {run.halt.reason}"
     what = ("undo " + run.args.undo if run.args.undo else "apply-plan" if run.args.apply_plan
             else _scope_kind(run.args) or "run")
     body = [f"student_sync {what} on {socket.gethostname()}, run {run.run_id}: {outcome} (exit {code})", ""]
@@ -4719,6 +4868,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StopRun as exc:
         log.error("%s", exc)
         code, fatal = exc.exit_code, str(exc)
+    except KeyboardInterrupt:  # outside the applying, where Ctrl-C is only a stop
+        log.error("interrupted (Ctrl-C)")
+        code, fatal = EXIT_INTERRUPTED, "interrupted (Ctrl-C)"
     except Exception:  # a defect: keep the whole story in the log and say so
         log.exception("unexpected error; please report it with this log")
         code, fatal = EXIT_ERROR, "unexpected error: see the log"
