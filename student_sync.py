@@ -246,6 +246,57 @@ def try_writing(path: Path, *, folder: bool = False,
     return None, warning
 
 
+SECRET_SERVICE = "student_sync"  # the credential store's service name for every secret
+
+
+@dataclass(frozen=True)
+class Secret:
+    """A secret named by a settings `*_env` key, and where it was found."""
+
+    name: str
+    value: str = field(repr=False)
+    source: str = ""     # "environment" or "credential store"; empty when found nowhere
+    problem: str = ""    # why the credential store could not be asked, when it could not
+
+    def missing(self, what: str) -> str:
+        """What to say when it was found nowhere: never a value, always what to do."""
+        return f"{self.name} ({what}) is not set: {self.nowhere()}"
+
+    def nowhere(self) -> str:
+        why = f" ({self.problem})" if self.problem else ""
+        return (f"not in the environment, not in the credential store{why}; set the variable, or run: "
+                f"python student_sync.py --store-secret {self.name}")
+
+
+def read_secret(name: str) -> Secret:
+    """The secret from the environment variable `name` or, when that is not set, from the
+    operating system's credential store (service student_sync, user `name`).
+
+    keyring is imported only here, when a variable is not set: it takes a while to find
+    its backend, and most runs never need it.
+    """
+    value = os.environ.get(name, "")
+    if value:
+        return Secret(name, value, "environment")
+    try:
+        import keyring
+    except ImportError:
+        return Secret(name, "", problem="the keyring package is not installed: pip install -r requirements.txt")
+    try:
+        stored = keyring.get_password(SECRET_SERVICE, name)
+    except Exception as exc:  # each backend fails its own way: NoKeyringError, a locked store, D-Bus
+        return Secret(name, "", problem=f"the credential store cannot be read: {_keyring_error(exc)}")
+    return Secret(name, stored, "credential store") if stored else Secret(name, "")
+
+
+def _keyring_error(exc: BaseException, secret: str = "") -> str:
+    """A keyring failure in one line, the secret (if one was being stored) masked out."""
+    text = " ".join(str(exc).split())[:300] or "no detail"
+    if secret:
+        text = text.replace(secret, "***")
+    return f"{type(exc).__name__}: {text}"
+
+
 def _clean_spaces(value: Any) -> str:
     """Text with ends trimmed and inner white space collapsed, without control or format
     characters (NUL, BEL, zero-width spaces: Unicode Cc and Cf); NULL is empty."""
@@ -1015,13 +1066,10 @@ def connect_powerschool(settings: Settings) -> Any:
     names = {"user": ps.user_env, "password": ps.password_env, "dsn": ps.dsn_env}
     values = {}
     for what, variable in names.items():
-        value = os.environ.get(variable, "")
-        if not value:
-            raise SourceError(
-                f"PowerSchool: environment variable {variable} is not set "
-                f"(the database {what}; named by [powerschool] {what}_env)"
-            )
-        values[what] = value
+        secret = read_secret(variable)
+        if not secret.value:
+            raise SourceError("PowerSchool: " + secret.missing(f"the database {what}; named by [powerschool] {what}_env"))
+        values[what] = secret.value
     dsn, embedded = _dsn_without_credentials(values["dsn"])
     if embedded:
         # The old script's habit: user/password@host:port/service.  The password stays out of
@@ -1525,16 +1573,16 @@ class PowerSchoolApi:
 
 
 def _api_credentials(settings: Settings) -> tuple[str, str]:
-    """The plugin's client ID and secret from the environment variables named in [powerschool]."""
+    """The plugin's client ID and secret, named in [powerschool] (environment or credential store)."""
     ps = settings.powerschool
     values = []
     for key, variable in (("client_id_env", ps.client_id_env), ("client_secret_env", ps.client_secret_env)):
-        value = os.environ.get(variable, "")
-        if not value:
-            raise SourceError(f"PowerSchool: environment variable {variable} is not set (the plugin's "
-                              f"{'client ID' if key == 'client_id_env' else 'client secret'}; named by "
-                              f"[powerschool] {key}; see README, PowerSchool through its REST API)")
-        values.append(value)
+        secret = read_secret(variable)
+        if not secret.value:
+            raise SourceError("PowerSchool: " + secret.missing(
+                f"the plugin's {'client ID' if key == 'client_id_env' else 'client secret'}; named by "
+                f"[powerschool] {key}; see README, PowerSchool through its REST API"))
+        values.append(secret.value)
     return values[0], values[1]
 
 
@@ -3996,8 +4044,8 @@ def send_summary_email(settings: Settings, subject: str, body: str) -> None:
     message = EmailMessage()
     message["From"], message["To"], message["Subject"] = em.sender, ", ".join(em.to), subject
     message.set_content(body)
-    user = os.environ.get(em.user_env, "") if em.user_env else ""
-    password = os.environ.get(em.password_env, "") if em.password_env else ""
+    user = read_secret(em.user_env).value if em.user_env else ""
+    password = read_secret(em.password_env).value if em.password_env else ""
     implicit_tls = em.smtp_port == 465
     try:
         connect = (functools.partial(smtplib.SMTP_SSL, context=ssl.create_default_context())
@@ -4206,24 +4254,24 @@ def _new_account_password(settings: Settings, changes: Sequence[Change], dry_run
     creates = sum(c.action == Action.CREATE for c in changes)
     if not creates:
         return None
-    variable = settings.accounts.new_password_env
-    problem = _password_problem(variable)
+    secret = read_secret(settings.accounts.new_password_env)
+    problem = _password_problem(secret)
     if problem:
         if dry_run:
             log.warning("%s: a real run would stop here", problem)
             return None
         raise StopRun(f"{problem}; accounts to create: {creates}")
-    return os.environ[variable]
+    return secret.value
 
 
-def _password_problem(variable: str) -> str | None:
-    password = os.environ.get(variable, "")
-    if not password:
-        return f"environment variable {variable} (the new-account password) is not set"
-    if len(password) < 8:
-        return f"the new-account password in {variable} is shorter than 8 characters"
-    if len(password) > 100:
-        return f"the new-account password in {variable} is longer than 100 characters"
+def _password_problem(secret: Secret) -> str | None:
+    if not secret.value:
+        return secret.missing("the new-account password")
+    where = f"{secret.name} ({secret.source})"
+    if len(secret.value) < 8:
+        return f"the new-account password in {where} is shorter than 8 characters"
+    if len(secret.value) > 100:
+        return f"the new-account password in {where} is longer than 100 characters"
     return None
 
 
@@ -4562,9 +4610,8 @@ def run_check(run: Run) -> int:
                    "authorization include the userschema.readonly scope?)")
         if settings.licenses:
             report(*_check_licences(client, settings, None if decisions is None else set(decisions)))
-    problem = _password_problem(settings.accounts.new_password_env)
-    report(problem is None, problem + " (needed to create accounts)" if problem else
-           f"new-account password is set in {settings.accounts.new_password_env}")
+    for ok, text in _secret_checks(settings):
+        report(ok, text)
     for ok, text in _state_file_checks(run):
         if ok is None:
             log.warning("%s", text)
@@ -4593,6 +4640,30 @@ def _check_licences(client: DirectoryClient, settings: Settings, students: set[s
     held = (f"{len(holders & students)} accounts of the scope hold it ({len(holders)} in all)"
             if students is not None else f"{len(holders)} accounts hold it")
     return True, f"licences: product {lic.product_id}, SKU {lic.sku_id} answer; {held}"
+
+
+def _secret_checks(settings: Settings) -> Iterator[tuple[bool, str]]:
+    """Where each secret the settings name was found (never its value), one line each."""
+    ps, em = settings.powerschool, settings.email
+    named = []
+    if ps.source == "oracle":
+        named += [(ps.user_env, "the PowerSchool database user"), (ps.password_env, "its password"),
+                  (ps.dsn_env, "the PowerSchool database DSN")]
+    elif ps.source == "api":
+        named += [(ps.client_id_env, "the PowerSchool plugin's client ID"),
+                  (ps.client_secret_env, "the plugin's client secret")]
+    named.append((settings.accounts.new_password_env, "the new-account password"))
+    if em is not None:
+        named += [(name, what) for name, what in ((em.user_env, "the SMTP user"), (em.password_env, "the SMTP password"))
+                  if name]
+    for name, what in named:
+        secret = read_secret(name)
+        if not secret.value:
+            yield False, f"secret {name} ({what}) missing: {secret.nowhere()}"
+        elif name == settings.accounts.new_password_env and _password_problem(secret):
+            yield False, f"{_password_problem(secret)} (needed to create accounts)"
+        else:
+            yield True, f"secret {name} ({what}) found in the {secret.source}"
 
 
 def _state_file_checks(run: Run) -> Iterator[tuple[bool | None, str]]:
@@ -4704,6 +4775,9 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--check", action="store_true", help="preflight checks; changes nothing")
     mode.add_argument("--authorize", action="store_true",
                       help="sign in to Google once in a browser and save the token")
+    mode.add_argument("--store-secret", metavar="NAME",
+                      help="save a secret in the operating system's credential store under NAME "
+                           "(asked twice, not shown)")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more output")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     return parser
@@ -4719,11 +4793,69 @@ def _usage_problem(args: argparse.Namespace) -> str | None:
         if args.plan_out or args.as_of:
             return f"{option} cannot be combined with --plan-out or --as-of"
         return None
+    if args.store_secret:
+        if kind or args.plan_out or args.report or args.dry_run:
+            return "--store-secret takes only a NAME (and --config)"
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", args.store_secret):
+            return f"--store-secret {args.store_secret!r}: a secret's name is an environment variable's name, like NEW_USER_PASSWORD"
+        return None
     if args.check or args.authorize:
         return None
     if kind is None:
         return "choose a scope: --all, --state-reporting or --building N [N ...]"
     return None
+
+
+def _store_secret(name: str, config: Path) -> int:
+    """--store-secret NAME: ask for the secret twice without echo and put it in the credential
+    store.  The value is never printed, logged or put in a message."""
+    import getpass
+
+    try:  # a name the settings do not use is most likely a typing mistake: say so, store anyway
+        settings = load_settings(config)
+    except StopRun:
+        settings = None
+    if settings is not None and name not in _secret_names(settings):
+        log.warning("%s is not a name the settings file %s uses for a secret (it uses: %s)",
+                    name, settings.path, ", ".join(_secret_names(settings)))
+    try:
+        first = getpass.getpass(f"{name}: ")
+        second = getpass.getpass(f"{name} again: ")
+    except (EOFError, KeyboardInterrupt):
+        log.error("nothing stored")
+        return EXIT_ERROR
+    if not first:
+        log.error("%s: an empty secret; nothing stored", name)
+        return EXIT_ERROR
+    if first != second:
+        log.error("%s: the two entries differ; nothing stored", name)
+        return EXIT_ERROR
+    try:
+        import keyring
+
+        keyring.set_password(SECRET_SERVICE, name, first)
+    except ImportError:
+        log.error("cannot use the credential store: the keyring package is not installed "
+                  "(pip install -r requirements.txt); nothing stored")
+        return EXIT_ERROR
+    except Exception as exc:  # each backend fails its own way: NoKeyringError, a locked store, D-Bus
+        log.error("cannot store %s in the credential store: %s; nothing stored (use the environment "
+                  "variable instead)", name, _keyring_error(exc, first))
+        return EXIT_ERROR
+    log.info("%s stored in the credential store for %s (service %s)", name, account_name(), SECRET_SERVICE)
+    if os.environ.get(name):
+        log.warning("the environment variable %s is set here, and wins over the stored secret", name)
+    return EXIT_OK
+
+
+def _secret_names(settings: Settings) -> list[str]:
+    """Every secret name the settings file uses (whether or not this source needs it)."""
+    ps, em = settings.powerschool, settings.email
+    names = [ps.user_env, ps.password_env, ps.dsn_env, ps.client_id_env, ps.client_secret_env,
+             settings.accounts.new_password_env]
+    if em is not None:
+        names += [n for n in (em.user_env, em.password_env) if n]
+    return names
 
 
 def _run_authorize(settings: Settings) -> int:
@@ -4821,6 +4953,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_usage(sys.stderr)
         log.error("%s", problem)
         return EXIT_ERROR
+    if args.store_secret:
+        return _store_secret(args.store_secret, args.config)
     try:
         settings = load_settings(args.config)
     except StopRun as exc:

@@ -60,6 +60,22 @@ def withdrawn(sync, numbers_at_101, numbers_at_102=()):
         sync.account(number, org_unit=LMS_7, school=102)
 
 
+@pytest.fixture(autouse=True)
+def empty_credential_store():
+    """No test reads this computer's credential store: a secret missing from a test's
+    environment is missing everywhere, unless the test puts one in a keyring of its own."""
+    try:
+        import keyring
+        from keyring.backends import null
+    except ImportError:
+        yield
+        return
+    previous = keyring.get_keyring()
+    keyring.set_keyring(null.Keyring())
+    yield
+    keyring.set_keyring(previous)
+
+
 @pytest.fixture
 def no_backoff(monkeypatch):
     """Retries happen as often as ever, without the waiting."""

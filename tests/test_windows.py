@@ -37,7 +37,6 @@ NEW_ACCESS_TOKEN = "ya29.NEW-TOKEN-7720"
 REFRESH_TOKEN = "1//REFRESH-TOKEN-3355"
 CLIENT_SECRET = "GOCSPX-WIN-9911"
 USER = getpass.getuser()
-KEYRING_PENDING = pytest.mark.skip(reason="credential store: lands in the next commit")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -531,7 +530,6 @@ def test_school_counts_on_a_full_disk_keep_the_last_figures(sync, monkeypatch):
 # ---------------------------------------------------------------------------------------------
 
 
-@KEYRING_PENDING
 def test_a_secret_missing_from_the_environment_comes_from_the_credential_store(sync, vault, monkeypatch):
     monkeypatch.delenv("NEW_USER_PASSWORD")
     vault.set_password("student_sync", "NEW_USER_PASSWORD", "Vault-Password-551")
@@ -554,7 +552,6 @@ def test_the_environment_wins_over_the_credential_store(sync, vault):
     assert created_passwords(sync) == [PASSWORD]
 
 
-@KEYRING_PENDING
 def test_powerschool_secrets_come_from_the_credential_store(sync, vault, monkeypatch):
     sync.settings({"powerschool": {"sqlite": None, "connect_timeout": 2}})
     for name in ("POWERSCHOOL_READ_USER", "POWERSCHOOL_DB_PASSWORD", "POWERSCHOOL_PROD_DB"):
@@ -571,7 +568,6 @@ def test_powerschool_secrets_come_from_the_credential_store(sync, vault, monkeyp
     assert "DB-Vault-8812" not in result.output
 
 
-@KEYRING_PENDING
 def test_smtp_login_comes_from_the_credential_store(sync, vault, monkeypatch):
     logins = []
 
@@ -602,7 +598,6 @@ def store_secret(sync, name: str, typed: list[str], monkeypatch):
     return sync.run("--store-secret", name)
 
 
-@KEYRING_PENDING
 def test_store_secret_asks_twice_stores_it_and_never_prints_it(sync, vault, monkeypatch):
     result = store_secret(sync, "NEW_USER_PASSWORD", ["Stored-Secret-774", "Stored-Secret-774"], monkeypatch)
 
@@ -614,7 +609,6 @@ def test_store_secret_asks_twice_stores_it_and_never_prints_it(sync, vault, monk
         assert "Stored-Secret-774" not in path.read_text(encoding="utf-8", errors="replace")
 
 
-@KEYRING_PENDING
 def test_store_secret_with_two_different_answers_stores_nothing(sync, vault, monkeypatch):
     result = store_secret(sync, "NEW_USER_PASSWORD", ["Stored-Secret-775", "Stored-Secret-776"], monkeypatch)
 
@@ -623,14 +617,12 @@ def test_store_secret_with_two_different_answers_stores_nothing(sync, vault, mon
     assert "Stored-Secret-775" not in result.output and "Stored-Secret-776" not in result.output
 
 
-@KEYRING_PENDING
 def test_store_secret_refuses_an_empty_answer(sync, vault, monkeypatch):
     result = store_secret(sync, "NEW_USER_PASSWORD", ["", ""], monkeypatch)
     assert result.code == 2, result.output
     assert vault.get_password("student_sync", "NEW_USER_PASSWORD") is None
 
 
-@KEYRING_PENDING
 def test_check_says_where_each_secret_was_found_never_its_value(sync, vault, monkeypatch):
     sync.settings({"email": {"smtp_host": "127.0.0.1", "smtp_port": 25, "from": "sync@d118.org",
                              "to": ["tech@d118.org"], "user_env": "SMTP_USER", "password_env": "SMTP_PASSWORD"}})
@@ -650,7 +642,6 @@ def test_check_says_where_each_secret_was_found_never_its_value(sync, vault, mon
     assert result.code == 2
 
 
-@KEYRING_PENDING
 def test_no_credential_store_is_a_clear_message_not_a_traceback(sync, monkeypatch):
     import keyring
     import keyring.backends.fail
