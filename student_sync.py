@@ -3520,6 +3520,226 @@ def _licence_change_from_json(entry: Mapping[str, Any]) -> Change:
                   action=Action.LICENSE, labels=labels, before=before, after=after)
 
 
+# What each label changes, and which labels each action may carry (SPEC section 3).
+_LABEL_FIELDS = {"suspend": "suspended", "unsuspend": "suspended", "move": "orgUnitPath",
+                 "rename": "name", "attributes": "customSchemas"}
+_ACTION_LABELS = {"create": {"create"}, "update": {"unsuspend", "move", "rename", "attributes"},
+                  "suspend": {"suspend", "move"}}
+_CREATE_FIELDS = ("primaryEmail", "name", "changePasswordAtNextLogin", "orgUnitPath", "customSchemas")
+
+
+def student_number_of(address: str, settings: Settings) -> int | None:
+    """The student number whose address this is by rule "email" (digits, no leading zero,
+    then `email_suffix`); None for any other address: staff, leading zeros, other domains."""
+    local, at, domain = address.partition("@")
+    if not at or ("@" + domain).lower() != settings.google.email_suffix.lower():
+        return None
+    if not (local.isascii() and local.isdigit()) or local != str(int(local)) or int(local) <= 0:
+        return None
+    return int(local)
+
+
+def change_problem(entry: Any, settings: Settings, *, restoring: bool = False) -> str | None:
+    """Why a change read from a plan file (or, `restoring`, a journal) is not one the rules
+    could have made; None when it is.
+
+    A plan or journal is input, not authority: it may only touch a student's address, with
+    the actions and fields the rules write, and must carry the "now" value of every field
+    it changes.  A journal's undo restores earlier values, so its OUs and names are those
+    the accounts had, not only those the rules target.
+    """
+    if not isinstance(entry, Mapping):
+        return "is not an object"
+    address, number = entry.get("email"), entry.get("student_number")
+    if not isinstance(address, str):
+        return f"email {address!r} is not an address"
+    if type(number) is not int:
+        return f"student_number {number!r} is not a student number"
+    if student_number_of(address, settings) != number:
+        return (f"{address} is not the address of student {number} "
+                f"({number}{settings.google.email_suffix}): only student accounts can be changed")
+    action, labels = entry.get("action"), entry.get("labels")
+    before, after = entry.get("before"), entry.get("after")
+    if action == Action.LICENSE:
+        return _licence_problem(labels, before, after, settings, restoring)
+    if action not in _ACTION_LABELS:
+        return f"action {action!r} is not create, update, suspend or license"
+    if (not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels)
+            or len(set(labels)) != len(labels)):
+        return f"labels {labels!r} must be a list of different kinds of change"
+    allowed = _ACTION_LABELS[action]
+    if restoring and action != "create":  # an undo's reversal: suspend+rename, unsuspend+move...
+        allowed = {"suspend", "move", "rename", "attributes"} if action == "suspend" else set(allowed)
+    wrong = [x for x in labels if x not in allowed]
+    if wrong:
+        return f"label {wrong[0]!r} is not one {'an' if action[0] in 'aeiou' else 'a'} {action} has"
+    if action == "suspend" and "suspend" not in labels and "move" not in labels:
+        return "a suspend change must suspend or move"
+    if not isinstance(before, Mapping) or not isinstance(after, Mapping):
+        return "before and after must be objects"
+    if entry.get("remove_groups", False) not in (False, True) or (entry.get("remove_groups") and action != "suspend"):
+        return "remove_groups belongs to a suspension only"
+    if action == "create":
+        return _create_problem(address, labels, before, after, settings)
+    return _update_problem(action, labels, before, after, settings, restoring)
+
+
+def _licence_problem(labels: Any, before: Any, after: Any, settings: Settings, restoring: bool) -> str | None:
+    """A licence change assigns or releases the configured SKU, and nothing else (SPEC 8)."""
+    if labels == [RELEASE_LICENSE]:
+        held, other = before, after
+    elif labels == [ASSIGN_LICENSE]:
+        held, other = after, before
+    else:
+        return f'a licence change is labelled "{ASSIGN_LICENSE}" or "{RELEASE_LICENSE}", not {labels!r}'
+    if (other is not None or not isinstance(held, Mapping) or set(held) != {"license"}
+            or not isinstance(held["license"], str) or not held["license"]):
+        return 'a licence change goes from {"license": SKU} to null, or back'
+    if restoring:  # an undo gives back what the run took, whatever the settings say now
+        return None
+    if settings.licenses is None:
+        return "these settings have no [licenses] section: no licence change can be applied"
+    if held["license"] != settings.licenses.sku_id:
+        return f"licence {held['license']} is not [licenses] sku_id {settings.licenses.sku_id}"
+    return None
+
+
+def _unknown_fields(values: Mapping[str, Any], known: Iterable[str]) -> str | None:
+    extra = sorted(set(values) - set(known))
+    if extra:
+        return f"field {', '.join(map(str, extra))} is not one the rules write"
+    return None
+
+
+def _create_problem(address: str, labels: list, before: Mapping, after: Mapping,
+                    settings: Settings) -> str | None:
+    if before:
+        return "a create has no before values"
+    problem = _unknown_fields(after, _CREATE_FIELDS)
+    if problem:
+        return problem
+    missing = [f for f in _CREATE_FIELDS if f not in after]
+    if missing:
+        return f"a create must send {', '.join(missing)}"
+    if not isinstance(after["primaryEmail"], str) or after["primaryEmail"].lower() != address.lower():
+        return f"primaryEmail {after['primaryEmail']!r} is not the change's address"
+    if after["changePasswordAtNextLogin"] is not settings.accounts.change_password_at_next_login:
+        return ("changePasswordAtNextLogin differs from [accounts] change_password_at_next_login = "
+                f"{str(settings.accounts.change_password_at_next_login).lower()}")
+    return (_name_value_problem(after["name"], "after", check_rules=True)
+            or _target_ou_problem(after["orgUnitPath"], "create", settings)
+            or _attributes_problem(after["customSchemas"], "after", settings, create=True))
+
+
+def _update_problem(action: str, labels: list, before: Mapping, after: Mapping,
+                    settings: Settings, restoring: bool) -> str | None:
+    fields = {_LABEL_FIELDS[x] for x in labels}
+    problem = _unknown_fields(after, _LABEL_FIELDS.values()) or _unknown_fields(before, _LABEL_FIELDS.values())
+    if problem:
+        return problem
+    if set(after) != fields:
+        return f"labels {', '.join(labels)} do not match the fields it sends ({', '.join(sorted(after)) or 'none'})"
+    missing = sorted(fields - set(before))
+    if missing or set(before) != fields:
+        return (f"before must hold the now value of every field it changes (missing: "
+                f"{', '.join(missing) or 'none'})")
+    if "suspended" in fields:
+        suspending = "suspend" in labels
+        if before["suspended"] is suspending or after["suspended"] is not suspending:
+            return (f"label {'suspend' if suspending else 'unsuspend'} must take suspended from "
+                    f"{str(not suspending).lower()} to {str(suspending).lower()}")
+    if "orgUnitPath" in fields:
+        for side, value in (("before", before["orgUnitPath"]), ("after", after["orgUnitPath"])):
+            if not isinstance(value, str) or not value.startswith("/"):
+                return f"{side} orgUnitPath {value!r} is not an OU path"
+        if not restoring:
+            problem = _target_ou_problem(after["orgUnitPath"], action, settings)
+            if problem:
+                return problem
+            if action == "update" and is_frozen(before["orgUnitPath"], settings.ous.frozen):
+                return f"moves an active student out of the frozen OU {before['orgUnitPath']}"
+    if "name" in fields:
+        problem = (_name_value_problem(before["name"], "before", check_rules=False)
+                   or _name_value_problem(after["name"], "after", check_rules=not restoring))
+        if problem:
+            return problem
+    if "customSchemas" in fields:
+        problem = (_attributes_problem(before["customSchemas"], "before", settings)
+                   or _attributes_problem(after["customSchemas"], "after", settings, restoring=restoring))
+        if problem:
+            return problem
+        if set(next(iter(before["customSchemas"].values()))) != set(next(iter(after["customSchemas"].values()))):
+            return "before must hold the now value of every attribute it changes"
+    return None
+
+
+def _target_ou_problem(path: Any, action: str, settings: Settings) -> str | None:
+    """An OU the rules can send: a create or update goes under the student prefix (or, for a
+    graduate in summer grace, the graduated OU); a suspension to the suspended or graduated OU."""
+    ous = settings.ous
+    if not isinstance(path, str) or not path.startswith("/"):
+        return f"orgUnitPath {path!r} is not an OU path"
+    lower = path.lower()
+    under_prefix = (lower + "/").startswith(ous.student_prefix.lower())
+    if action == "suspend":
+        ok = lower in (ous.suspended.lower(), ous.graduated.lower())
+        where = f"[ous] suspended or graduated ({ous.suspended}, {ous.graduated})"
+    elif action == "create":
+        ok = under_prefix
+        where = f"under [ous] student_prefix {ous.student_prefix}"
+    else:
+        ok = under_prefix or lower == ous.graduated.lower()
+        where = f"under [ous] student_prefix {ous.student_prefix} or [ous] graduated {ous.graduated}"
+    if ok:
+        return None
+    return f"orgUnitPath {path} is not an OU the rules send for {'an' if action[0] in 'aeiou' else 'a'} {action} ({where})"
+
+
+def _name_value_problem(value: Any, side: str, *, check_rules: bool) -> str | None:
+    if not isinstance(value, Mapping) or set(value) != {"givenName", "familyName"} or not all(
+            isinstance(v, str) for v in value.values()):
+        return f"{side} name must hold exactly givenName and familyName, as text"
+    if check_rules:
+        for which, text in (("givenName", value["givenName"]), ("familyName", value["familyName"])):
+            if not text.strip() or len(text) > 60:
+                return f"{side} name {which} {text!r} is empty or longer than 60 characters"
+    return None
+
+
+def _attributes_problem(value: Any, side: str, settings: Settings, *, create: bool = False,
+                        restoring: bool = False) -> str | None:
+    cs = settings.custom_schema
+    if not isinstance(value, Mapping) or set(value) != {cs.category}:
+        names = ", ".join(map(str, value)) if isinstance(value, Mapping) else repr(value)
+        return f"{side} customSchemas must hold only the category {cs.category} (it holds {names})"
+    fields = value[cs.category]
+    if not isinstance(fields, Mapping) or not fields:
+        return f"{side} customSchemas {cs.category} must hold {cs.school_field} and/or {cs.grad_year_field}"
+    problem = _unknown_fields(fields, (cs.school_field, cs.grad_year_field))
+    if problem:
+        return f"{side} customSchemas {cs.category}: {problem}"
+    if create and cs.school_field not in fields:
+        return f"a create must send {cs.school_field}"
+    for name, text in fields.items():
+        if side == "before" or restoring:  # what the account held: any text, or absent
+            if text is not None and not isinstance(text, str):
+                return f"{side} customSchemas {cs.category}.{name} {text!r} is not text"
+        elif not isinstance(text, str) or not (text.isascii() and text.lstrip("-").isdigit()):
+            return f"{side} customSchemas {cs.category}.{name} {text!r} is not a number as text"
+    return None
+
+
+def change_problems(entries: Any, settings: Settings, *, restoring: bool = False) -> list[tuple[int, str, str]]:
+    """(index, address, problem) of every change that the rules could not have made."""
+    found = []
+    for index, entry in enumerate(entries):
+        problem = change_problem(entry, settings, restoring=restoring)
+        if problem:
+            address = entry.get("email") if isinstance(entry, Mapping) else None
+            found.append((index, str(address) if isinstance(address, str) else "no address", problem))
+    return found
+
+
 def write_plan_file(path: Path, plan_: Plan, *, scope: Scope, today: dt.date,
                     settings: Settings, run_id: str, active: Mapping[int, int]) -> None:
     """The plan as JSON, for review and for --apply-plan.
@@ -3559,11 +3779,27 @@ def read_plan_file(path: Path, settings: Settings) -> tuple[dict[str, Any], list
             f"plan file {path} was made with other settings (fingerprint "
             f"{document.get('settings_fingerprint')}, now {settings_fingerprint(settings)}): "
             "make a new plan with the current settings")
+    entries = document.get("changes")
+    if not isinstance(entries, list):
+        raise StopRun(f"plan file {path} has no list of changes")
+    _refuse_changes(f"plan file {path}", "changes[{}]", change_problems(entries, settings))
     try:
-        changes = [change_from_json(entry) for entry in document["changes"]]
+        changes = [change_from_json(entry) for entry in entries]
     except (KeyError, TypeError, ValueError) as exc:
         raise StopRun(f"plan file {path} has a malformed change: {exc}") from None
     return document, changes
+
+
+def _refuse_changes(what: str, where: str, problems: Sequence[tuple[int, str, str]]) -> None:
+    """Stop, naming every change of a plan or journal that the rules could not have made."""
+    if not problems:
+        return
+    lines = [f"  {where.format(index)} ({address}): {problem}" for index, address, problem in problems[:20]]
+    if len(problems) > 20:
+        lines.append(f"  ... and {len(problems) - 20} more")
+    raise StopRun(f"{what} is refused, nothing was changed: {len(problems)} change(s) are not ones "
+                  "the rules make (only student addresses, with the fields the rules write and "
+                  "the values they had):\n" + "\n".join(lines))
 
 
 class Journal:
@@ -3588,7 +3824,9 @@ class Journal:
             stream.writelines(lines)
 
 
-def read_journal(folder: Path, run_id: str) -> list[dict[str, Any]]:
+def read_journal(folder: Path, run_id: str, settings: Settings) -> list[dict[str, Any]]:
+    """A run's journal entries; a journal is input like a plan, and every entry must be a
+    change the rules (or an undo) could have made."""
     if not re.fullmatch(r"[0-9A-Za-z_-]+", run_id):
         raise StopRun(f"{run_id!r} is not a run id (like 20261128-020003)")
     path = folder / f"journal-{run_id}.jsonl"
@@ -3596,13 +3834,16 @@ def read_journal(folder: Path, run_id: str) -> list[dict[str, Any]]:
         known = sorted(p.stem[len("journal-"):] for p in folder.glob("journal-*.jsonl"))[-5:]
         raise StopRun(f"no journal for run {run_id} in {folder}"
                       + (f" (latest runs: {', '.join(known)})" if known else ""))
-    entries = []
+    entries, problems = [], []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if line.strip():
             try:
                 entries.append(json.loads(line))
             except ValueError:
                 raise StopRun(f"journal {path} line {number} is not valid JSON") from None
+            problems += [(number, address, problem) for _, address, problem
+                         in change_problems(entries[-1:], settings, restoring=True)]
+    _refuse_changes(f"journal {path}", "line {}", problems)
     return entries
 
 
@@ -4275,6 +4516,55 @@ def _password_problem(secret: Secret) -> str | None:
     return None
 
 
+def _simple(name: str) -> str:
+    return re.sub(r"[^0-9a-z]", "", name.lower())
+
+
+def _check_schema(client: DirectoryClient, settings: Settings) -> tuple[bool, str]:
+    """Does the custom attribute category hold both fields, with these names?"""
+    cs = settings.custom_schema
+    schemas = client.resource("schemas")
+    try:
+        schema = client.call(schemas.get(customerId="my_customer", schemaKey=cs.category))
+    except _http_error_class() as exc:
+        if _http_error_parts(exc)[0] != 404:
+            raise
+        listing = client.call(schemas.list(customerId="my_customer"))
+        names = [s.get("schemaName", "") for s in listing.get("schemas", []) or []]
+        close = [n for n in names if _simple(n) == _simple(cs.category)]
+        hint = (f"; the domain has {', '.join(close)}: set [custom_schema] category to that" if close else
+                f"; the domain has: {', '.join(names) or 'no custom attributes'}")
+        return False, f"custom attribute category {cs.category} does not exist{hint}"
+    fields = [f.get("fieldName", "") for f in schema.get("fields", []) or []]
+    problems = []
+    for key, wanted in (("school_field", cs.school_field), ("grad_year_field", cs.grad_year_field)):
+        if wanted not in fields:
+            close = [f for f in fields if _simple(f) == _simple(wanted)]
+            problems.append(f"field {wanted} ([custom_schema] {key}) is missing"
+                            + (f"; the domain calls it {close[0]}" if close else ""))
+    if problems:
+        return False, f"custom attribute category {cs.category}: " + "; ".join(problems) + \
+            f" (its fields: {', '.join(fields) or 'none'})"
+    return True, f"custom attribute category {cs.category} has {cs.school_field} and {cs.grad_year_field}"
+
+
+def _schema_problem(client: DirectoryClient, settings: Settings, changes: Sequence[Change]) -> str | None:
+    """Why the custom attributes cannot be sent, found once before any change; None when they
+    can, or when no change sends them.  A category or field missing in Google would
+    otherwise fail every create and update one by one."""
+    if not any("customSchemas" in change.after for change in changes):
+        return None
+    try:
+        ok, text = _check_schema(client, settings)
+    except _http_error_class() as exc:
+        ok, text = False, (f"custom attributes could not be read: {describe_http_error(exc)} (does the "
+                           "authorization include the userschema.readonly scope?)")
+    if ok:
+        return None
+    return (f"{text}; nothing was changed: fix the custom attributes in the Admin console or "
+            "[custom_schema] in the settings (--check shows what the domain has)")
+
+
 def _reconciler(decisions: Mapping[str, Decision], directory: Directory, settings: Settings) -> Reconcile:
     """Rule 2 for a create that met an existing account: bring that account in step."""
 
@@ -4462,31 +4752,45 @@ def run_sync(run: Run) -> int:
 
     problems = _safety_problems(plan_, weighed.row_count, weighed.enrolled, scope, settings,
                                 load_school_counts(run.counts_path), directory)
+    # A dry run meets the stops of the real run after showing the whole plan.
+    stop: StopRun | None = None
     if problems and not args.allow_mass_changes:
-        saved = run.logs / f"plan-{run.run_id}.json"
-        write_plan_file(saved, plan_, scope=scope, today=today, settings=settings, run_id=run.run_id,
-                        active=weighed.enrolled)
-        if args.report:
-            stopped = [Outcome(c, Status.NOT_APPLIED, "safety stop") for c in plan_.changes]
-            _write_report_or_say(args.report, stopped, plan_.notices, unowned)
-        raise SafetyStop(
-            "safety stop, nothing was changed: " + "; ".join(problems) + f". The plan is in {saved} "
-            "(review it, or run with --dry-run --report FILE). If it is right (for example "
-            "graduates on September 1), apply it with --apply-plan " + str(saved)
-            + " or run again with --allow-mass-changes")
-    for problem in problems:
-        log.warning("allowed by --allow-mass-changes: %s", problem)
+        if args.dry_run:
+            stop = SafetyStop(
+                "a real run would stop here (safety stop, dry run): " + "; ".join(problems) + ". If the "
+                "plan is right (for example graduates on September 1), write it with --plan-out FILE "
+                "and apply it with --apply-plan FILE, or run again with --allow-mass-changes")
+        else:
+            saved = run.logs / f"plan-{run.run_id}.json"
+            write_plan_file(saved, plan_, scope=scope, today=today, settings=settings, run_id=run.run_id,
+                            active=weighed.enrolled)
+            if args.report:
+                stopped = [Outcome(c, Status.NOT_APPLIED, "safety stop") for c in plan_.changes]
+                _write_report_or_say(args.report, stopped, plan_.notices, unowned)
+            raise SafetyStop(
+                "safety stop, nothing was changed: " + "; ".join(problems) + f". The plan is in {saved} "
+                "(review it, or run with --dry-run --report FILE). If it is right (for example "
+                "graduates on September 1), apply it with --apply-plan " + str(saved)
+                + " or run again with --allow-mass-changes")
+    elif problems:
+        for problem in problems:
+            log.warning("allowed by --allow-mass-changes: %s", problem)
 
     password = _new_account_password(settings, plan_.changes, args.dry_run)
-    counts_problem = None
+    schema = None if stop else _schema_problem(client, settings, plan_.changes)
+    if schema:
+        if not args.dry_run:
+            raise StopRun(schema)
+        stop = StopRun("a real run would stop here (dry run): " + schema)
     if args.dry_run:
-        outcomes = _preview(plan_.changes)
-    else:
-        outcomes = _apply(run, "sync", client, plan_.changes, password,
-                          _reconciler(plan_.decisions, directory, settings))
-        counts_problem = _save_counts(run, weighed.enrolled)
-    code = _finish(run, outcomes, plan_.notices, plan_.unchanged, args.dry_run, unowned)
-    return _stop_if(counts_problem, code)
+        code = _finish(run, _preview(plan_.changes), plan_.notices, plan_.unchanged, True, unowned)
+        if stop:
+            raise stop
+        return code
+    outcomes = _apply(run, "sync", client, plan_.changes, password,
+                      _reconciler(plan_.decisions, directory, settings))
+    counts_problem = _save_counts(run, weighed.enrolled)
+    return _stop_if(counts_problem, _finish(run, outcomes, plan_.notices, plan_.unchanged, False, unowned))
 
 
 def run_apply_plan(run: Run) -> int:
@@ -4512,8 +4816,14 @@ def run_apply_plan(run: Run) -> int:
     dry_run = run.args.dry_run
     password = _new_account_password(run.settings, current, dry_run)
     counts_problem = None
+    schema = _schema_problem(client, run.settings, current)
+    if schema and not dry_run:
+        raise StopRun(schema)
     if dry_run:
         outcomes = _preview(current)
+        if schema:
+            _finish(run, [*outcomes, *stale], [], 0, dry_run)
+            raise StopRun("a real run would stop here (dry run): " + schema)
     else:
         outcomes = _apply(run, "apply-plan", client, current, password)
         try:
@@ -4544,14 +4854,20 @@ def _preview(changes: Sequence[Change]) -> list[Outcome]:
 
 def run_undo(run: Run) -> int:
     """Reverse an earlier run from its journal."""
-    entries = read_journal(run.logs, run.args.undo)
+    entries = read_journal(run.logs, run.args.undo, run.settings)
     log.info("undo of run %s: %d journal entries", run.args.undo, len(entries))
     client, directory = _read_whole_directory(run)
     changes, notices = undo_changes(entries, directory)
     for notice in notices:
         _log_notice(notice)
+    schema = _schema_problem(client, run.settings, changes)
+    if schema and not run.args.dry_run:
+        raise StopRun(schema)
     if run.args.dry_run:
-        return _finish(run, _preview(changes), notices, 0, dry_run=True)
+        code = _finish(run, _preview(changes), notices, 0, dry_run=True)
+        if schema:
+            raise StopRun("a real run would stop here (dry run): " + schema)
+        return code
     outcomes = _apply(run, "undo", client, changes, None)
     return _finish(run, outcomes, notices, 0)
 
@@ -4696,38 +5012,6 @@ def _who(settings: Settings) -> str:
     if gg.auth == "oauth":
         return f"with the token in {gg.token_file}"
     return f"(no authorization: local endpoint {gg.api_endpoint})"
-
-
-def _simple(name: str) -> str:
-    return re.sub(r"[^0-9a-z]", "", name.lower())
-
-
-def _check_schema(client: DirectoryClient, settings: Settings) -> tuple[bool, str]:
-    """Does the custom attribute category hold both fields, with these names?"""
-    cs = settings.custom_schema
-    schemas = client.resource("schemas")
-    try:
-        schema = client.call(schemas.get(customerId="my_customer", schemaKey=cs.category))
-    except _http_error_class() as exc:
-        if _http_error_parts(exc)[0] != 404:
-            raise
-        listing = client.call(schemas.list(customerId="my_customer"))
-        names = [s.get("schemaName", "") for s in listing.get("schemas", []) or []]
-        close = [n for n in names if _simple(n) == _simple(cs.category)]
-        hint = (f"; the domain has {', '.join(close)}: set [custom_schema] category to that" if close else
-                f"; the domain has: {', '.join(names) or 'no custom attributes'}")
-        return False, f"custom attribute category {cs.category} does not exist{hint}"
-    fields = [f.get("fieldName", "") for f in schema.get("fields", []) or []]
-    problems = []
-    for key, wanted in (("school_field", cs.school_field), ("grad_year_field", cs.grad_year_field)):
-        if wanted not in fields:
-            close = [f for f in fields if _simple(f) == _simple(wanted)]
-            problems.append(f"field {wanted} ([custom_schema] {key}) is missing"
-                            + (f"; the domain calls it {close[0]}" if close else ""))
-    if problems:
-        return False, f"custom attribute category {cs.category}: " + "; ".join(problems) + \
-            f" (its fields: {', '.join(fields) or 'none'})"
-    return True, f"custom attribute category {cs.category} has {cs.school_field} and {cs.grad_year_field}"
 
 
 # =============================================================================
@@ -4877,7 +5161,11 @@ def _email_after(run: Run, code: int, fatal: str | None) -> None:
         outcome = f"stopped early, {run.halt.reason}"
     what = ("undo " + run.args.undo if run.args.undo else "apply-plan" if run.args.apply_plan
             else _scope_kind(run.args) or "run")
+    if run.args.dry_run:  # nothing was changed, whatever the outcome says
+        what += " (dry run)"
     body = [f"student_sync {what} on {socket.gethostname()}, run {run.run_id}: {outcome} (exit {code})", ""]
+    if run.args.dry_run:
+        body += ["This was a dry run: nothing was changed.", ""]
     if fatal:
         body += [fatal, ""]
     if run.summary:

@@ -462,6 +462,7 @@ def monday_plan(sync, tmp_path, base: int) -> Path:
     return path
 
 
+@pytest.mark.xfail(strict=True, reason="not yet implemented")  # NOT-YET
 def test_plan_older_than_the_last_applied_run_is_refused_naming_the_option(sync, tmp_path):
     base = 7500
     monday = monday_plan(sync, tmp_path, base)
@@ -479,6 +480,7 @@ def test_plan_older_than_the_last_applied_run_is_refused_naming_the_option(sync,
     assert looks_of(sync.server, base)[0] is False
 
 
+@pytest.mark.xfail(strict=True, reason="not yet implemented")  # NOT-YET
 def test_older_plan_allowed_rechecks_each_suspension_and_never_moves_the_baseline(sync, tmp_path):
     base = 7600
     monday = monday_plan(sync, tmp_path, base)
@@ -497,6 +499,7 @@ def test_older_plan_allowed_rechecks_each_suspension_and_never_moves_the_baselin
     assert counts_file(sync).read_text(encoding="utf-8") == baseline
 
 
+@pytest.mark.xfail(strict=True, reason="not yet implemented")  # NOT-YET
 def test_a_suspension_is_rechecked_against_powerschool_even_in_a_current_plan(sync, tmp_path):
     base = 7700
     monday = monday_plan(sync, tmp_path, base)
@@ -524,6 +527,7 @@ def test_a_plan_made_after_the_last_applied_run_applies(sync, tmp_path):
     assert looks_of(sync.server, base + 1)[0] is True
 
 
+@pytest.mark.xfail(strict=True, reason="not yet implemented")  # NOT-YET
 def test_the_same_plan_a_second_time_says_already_applied(sync, tmp_path):
     base = 7900
     monday = monday_plan(sync, tmp_path, base)
@@ -540,6 +544,7 @@ def test_the_same_plan_a_second_time_says_already_applied(sync, tmp_path):
     assert "stale" not in again.output
 
 
+@pytest.mark.xfail(strict=True, reason="not yet implemented")  # NOT-YET
 def test_the_same_undo_a_second_time_says_already_undone(sync):
     base = 7950
     sync.student(base)
@@ -570,6 +575,7 @@ def provisioning_run(sync, base: int, count: int) -> str:
     return run_id_of(result)
 
 
+@pytest.mark.xfail(strict=True, reason="not yet implemented")  # NOT-YET
 def test_undo_that_would_suspend_more_than_the_limit_stops_with_exit_3(sync):
     run_id = provisioning_run(sync, 8000, 4)
     sync.settings({"safety": {"max_suspensions": 3}})
@@ -594,6 +600,7 @@ def test_undo_past_the_limit_goes_through_with_allow_mass_changes(sync):
     assert all(looks_of(sync.server, n)[0] is True for n in range(8100, 8104))
 
 
+@pytest.mark.xfail(strict=True, reason="not yet implemented")  # NOT-YET
 def test_undo_dry_run_shows_the_figures_and_the_stop_it_would_meet(sync):
     run_id = provisioning_run(sync, 8200, 4)
     sync.settings({"safety": {"max_suspensions": 3}})
@@ -717,6 +724,7 @@ def fail_lines(output: str) -> list[str]:
     return [line for line in output.splitlines() if line.startswith("FAIL")]
 
 
+@pytest.mark.xfail(strict=True, reason="not yet implemented")  # NOT-YET
 def test_check_fails_when_the_next_run_would_stop_on_a_school_drop(sync):
     whs = school_of(sync, 8500, 94)
     assert sync.run("--all").code == 0
@@ -731,6 +739,7 @@ def test_check_fails_when_the_next_run_would_stop_on_a_school_drop(sync):
     assert sync.writes() == []
 
 
+@pytest.mark.xfail(strict=True, reason="not yet implemented")  # NOT-YET
 def test_check_fails_when_the_next_run_would_suspend_more_than_the_limit(sync):
     sync.settings({"safety": {"max_suspensions": 2}})
     withdrawn(sync, [8601, 8602, 8603])
@@ -743,6 +752,7 @@ def test_check_fails_when_the_next_run_would_suspend_more_than_the_limit(sync):
     assert any("3" in line and "max_suspensions" in line for line in fail_lines(result.output)), result.output
 
 
+@pytest.mark.xfail(strict=True, reason="not yet implemented")  # NOT-YET
 def test_check_shows_the_figures_as_ok_when_the_next_run_would_go_ahead(sync):
     school_of(sync, 8700, 24)
     withdrawn(sync, [8750])
@@ -809,6 +819,7 @@ def trickling():
     server.close()
 
 
+@pytest.mark.xfail(strict=True, reason="not yet implemented")  # NOT-YET
 def test_a_trickling_smtp_server_meets_the_overall_deadline_named_as_a_timeout(sync, trickling, monkeypatch):
     monkeypatch.setattr(student_sync, "EMAIL_DEADLINE_SECONDS", 0.5)
     sync.settings(email_settings(trickling.port, when="always"))
@@ -862,6 +873,7 @@ def screen(text: str) -> list[str]:
     return lines
 
 
+@pytest.mark.xfail(strict=True, reason="not yet implemented")  # NOT-YET
 def test_progress_line_is_ended_before_a_log_line_is_printed(monkeypatch):
     terminal = FakeTty()
     monkeypatch.setattr(sys, "stdout", terminal)
