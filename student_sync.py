@@ -4552,7 +4552,7 @@ def _schema_problem(client: DirectoryClient, settings: Settings, changes: Sequen
     """Why the custom attributes cannot be sent, found once before any change; None when they
     can, or when no change sends them.  A category or field missing in Google would
     otherwise fail every create and update one by one."""
-    if not any("customSchemas" in change.after for change in changes):
+    if not any("customSchemas" in (change.after or {}) for change in changes):
         return None
     try:
         ok, text = _check_schema(client, settings)
