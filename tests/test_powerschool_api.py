@@ -486,3 +486,16 @@ def test_tokens_that_run_out_during_a_long_read_are_renewed(sync, monkeypatch):
     assert result.code == 0, result.output
     assert all(sync.server.user(email(n)) for n in numbers)
     assert tokens >= 2
+
+
+def test_the_benchmark_runs_on_a_small_district(capsys):
+    """bench/bench_powerschool.py's three reads still find the names they call."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "bench_powerschool.py"
+    spec = importlib.util.spec_from_file_location("bench_powerschool", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--students", "300", "--latency-ms", "0", "--page-size", "100", "--api-rates", "50"]) == 0
+    output = capsys.readouterr().out
+    assert output.count("| 300 |") == 3, output
