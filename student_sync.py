@@ -141,9 +141,10 @@ def cannot_write(what: str, path: Path, exc: OSError) -> str:
     """The message for a file or folder this account may not write: what, where, as whom,
     and what to do about it."""
     reason = exc.strerror or type(exc).__name__
-    return (f"cannot write {what} {path} as {account_name()} ({reason}): give that account Modify "
-            f"rights on {path if what.endswith('folder') else path.parent} "
-            "(README: Windows Task Scheduler, icacls)")
+    where = path if what.endswith("folder") else path.parent
+    fix = (f"give that account Modify rights on {where} (README: Windows Task Scheduler, icacls)" if WINDOWS
+           else f"give that account write permission on {where} and the file")
+    return f"cannot write {what} {path} as {account_name()} ({reason}): {fix}"
 
 
 def write_atomically(path: Path, text: str, *, private: bool = False, attempts: int = 5) -> str | None:
@@ -3828,7 +3829,7 @@ def read_journal(folder: Path, run_id: str, settings: Settings) -> list[dict[str
     """A run's journal entries; a journal is input like a plan, and every entry must be a
     change the rules (or an undo) could have made."""
     if not re.fullmatch(r"[0-9A-Za-z_-]+", run_id):
-        raise StopRun(f"{run_id!r} is not a run id (like 20261128-020003)")
+        raise StopRun(f"{run_id!r} is not a run id (like 20261128-020003-1a2b3c4d)")
     path = folder / f"journal-{run_id}.jsonl"
     if not path.is_file():
         known = sorted(p.stem[len("journal-"):] for p in folder.glob("journal-*.jsonl"))[-5:]
@@ -4689,7 +4690,8 @@ def _save_counts(run: Run, counts: Mapping[int, int]) -> str | None:
     try:
         save_school_counts(run.counts_path, counts, run.settings.path)
     except OSError as exc:
-        return ("the changes were applied, but " + cannot_write("the school counts", run.counts_path, exc)
+        return ("the changes were applied, but the school counts were not saved: "
+                + cannot_write("the school counts", run.counts_path, exc)
                 + "; the next run's source-sanity check compares against the figures before this run")
     return None
 
