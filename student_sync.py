@@ -1560,7 +1560,9 @@ class PowerSchoolApi:
                     pool.shutdown(wait=False, cancel_futures=True)  # no new page after a stop
                     raise
             rows = [pair for result in results for pair in result]
-            keys = [key for key, _ in rows if key is not None]
+            # Record ids find a row read twice (pages that overlap); an id left empty, or 0
+            # for every row, says nothing, and only the count is checked.
+            keys = [key for key, _ in rows if key not in (None, "", "0", "null")]
             if len(rows) == expected and len(set(keys)) == len(keys):
                 log.debug("PowerSchool: %d %s rows in %d pages", expected, table.upper(), pages)
                 return [values for _, values in rows]

@@ -499,3 +499,37 @@ def test_the_benchmark_runs_on_a_small_district(capsys):
     assert bench.main(["--students", "300", "--latency-ms", "0", "--page-size", "100", "--api-rates", "50"]) == 0
     output = capsys.readouterr().out
     assert output.count("| 300 |") == 3, output
+
+
+def test_records_whose_ids_say_nothing_are_checked_by_the_count_alone(sync, api, monkeypatch):
+    """A server that leaves DCID empty (0 for every record) is still read whole."""
+    original = _Tables.record
+
+    def no_ids(self, table, columns, row):
+        return {**original(self, table, columns, row), "id": 0}
+
+    numbers = students(sync, 12)
+    monkeypatch.setattr(_Tables, "record", no_ids)
+    result = sync.run("--all")
+    assert result.code == 0, result.output
+    assert all(sync.server.user(email(n)) for n in numbers)
+
+
+def test_pages_that_overlap_are_not_taken_for_the_table(sync, api, monkeypatch):
+    """Page 2 answering page 1's rows again (the right number of rows, twice the same): read
+    again, then exit 2, nothing changed."""
+    original = PowerSchoolApiServer._page
+
+    def overlapping(self, table, query, drop):
+        if table == "students" and query.get("page") == "2":
+            query = {**query, "page": "1"}
+        return original(self, table, query, drop)
+
+    numbers = students(sync, 12)
+    for number in numbers:
+        sync.account(number)
+    monkeypatch.setattr(PowerSchoolApiServer, "_page", overlapping)
+    sync.server.clear_requests()
+    result = sync.run("--all")
+    assert result.code == 2, result.output
+    assert not sync.writes()
