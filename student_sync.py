@@ -3023,6 +3023,21 @@ def _safety_problems(plan_: Plan, row_count: int, active: Mapping[int, int], sco
     return problems
 
 
+def change_limit_problems(changes: Sequence[Change], settings: Settings, what: str) -> list[str]:
+    """The mass-change limits for changes that are not a sync's plan (an undo): more
+    suspensions than [safety] max_suspensions, or releases than [licenses] max_releases."""
+    problems = []
+    suspensions = sum("suspend" in c.labels for c in changes)
+    if suspensions > settings.safety.max_suspensions:
+        problems.append(f"{what} would suspend {suspensions} accounts, more than [safety] max_suspensions = "
+                        f"{settings.safety.max_suspensions}")
+    releases = sum(RELEASE_LICENSE in c.labels for c in changes)
+    if settings.licenses and releases > settings.licenses.max_releases:
+        problems.append(f"{what} would release {releases} licences {settings.licenses.sku_id}, more than "
+                        f"[licenses] max_releases = {settings.licenses.max_releases}")
+    return problems
+
+
 # =============================================================================
 # Apply
 # =============================================================================
@@ -3744,7 +3759,8 @@ def change_problems(entries: Any, settings: Settings, *, restoring: bool = False
 
 
 def write_plan_file(path: Path, plan_: Plan, *, scope: Scope, today: dt.date,
-                    settings: Settings, run_id: str, active: Mapping[int, int]) -> None:
+                    settings: Settings, run_id: str, active: Mapping[int, int],
+                    last_applied_run: str | None = None) -> None:
     """The plan as JSON, for review and for --apply-plan.
 
     `active` (active students per school) becomes the source-sanity baseline once the
@@ -3759,6 +3775,9 @@ def write_plan_file(path: Path, plan_: Plan, *, scope: Scope, today: dt.date,
         "scope": {"kind": scope.kind, "schools": sorted(scope.school_numbers)},
         "domain": settings.google.domain,
         "settings_fingerprint": settings_fingerprint(settings),
+        # The run that had last applied changes when the plan was made: a later one makes
+        # this plan an older plan (SPEC section 7).
+        "last_applied_run": last_applied_run,
         "counts": dict(sorted(counts.items())),
         "active_students": {str(k): v for k, v in sorted(active.items())},
         "changes": [change_to_json(c) for c in plan_.changes],
@@ -3934,6 +3953,65 @@ def save_school_counts(path: Path, counts: Mapping[int, int], settings_path: Pat
                 "settings": str(settings_path) if settings_path else None,
                 "active_students": {str(k): v for k, v in sorted(merged.items())}}
     write_atomically(path, json.dumps(document, indent=1) + "\n")
+
+
+class AppliedRuns:
+    """Which run last applied changes with one settings file, which reviewed plans were
+    applied and which runs were undone: a small JSON file beside the school counts.
+
+    A reviewed plan is the newest word only while no run has applied changes since it was
+    written (SPEC section 7); the same plan, or the same undo, a second time is recognised.
+    """
+
+    KEEP = 200  # plans and undos remembered
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.last: dict[str, Any] | None = None
+        self.plans: dict[str, dict[str, Any]] = {}
+        self.undone: dict[str, dict[str, Any]] = {}
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            last = data.get("last_applied")
+            self.last = last if isinstance(last, dict) and isinstance(last.get("run_id"), str) else None
+            self.plans = {str(k): v for k, v in (data.get("applied_plans") or {}).items() if isinstance(v, dict)}
+            self.undone = {str(k): v for k, v in (data.get("undone_runs") or {}).items() if isinstance(v, dict)}
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError, AttributeError, TypeError):
+            log.warning("the record of applied runs %s cannot be read; starting it again", path)
+
+    @property
+    def last_run_id(self) -> str | None:
+        return self.last["run_id"] if self.last else None
+
+    def applied(self, run_id: str, kind: str, *, plan: str | None = None, undone: str | None = None) -> None:
+        """Record a run that applied changes (and the plan it applied, or the run it undid);
+        OSError when the file cannot be written."""
+        stamp = {"run_id": run_id, "kind": kind, "time": dt.datetime.now().isoformat(timespec="seconds")}
+        self.last = stamp
+        if plan:
+            self.plans[plan] = stamp
+        if undone:
+            self.undone[undone] = stamp
+        document = {"last_applied": self.last, "applied_plans": dict(list(self.plans.items())[-self.KEEP:]),
+                    "undone_runs": dict(list(self.undone.items())[-self.KEEP:])}
+        write_atomically(self.path, json.dumps(document, indent=1) + "\n")
+
+    def plan_is_older(self, document: Mapping[str, Any]) -> bool:
+        """Was this plan written before the last run that applied changes?"""
+        if self.last is None:
+            return False
+        if "last_applied_run" in document:
+            return document["last_applied_run"] != self.last["run_id"]
+        created = document.get("created")  # a plan from before this record: compare the times
+        return not isinstance(created, str) or created < str(self.last.get("time", ""))
+
+
+def plan_digest(entries: Sequence[Any]) -> str:
+    """The identity of a plan: its changes, whatever file they are in."""
+    text = json.dumps(list(entries), sort_keys=True, ensure_ascii=True)
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
 class RunLock:
@@ -4359,6 +4437,10 @@ class Run:
     def lock_path(self) -> Path:
         return self.logs / f"student_sync-{self.settings.instance}.lock"
 
+    @property
+    def applied_path(self) -> Path:
+        return self.logs / f"applied_runs-{self.settings.instance}.json"
+
     def today(self) -> dt.date:
         return self.args.as_of or dt.date.today()
 
@@ -4698,6 +4780,20 @@ def _save_counts(run: Run, counts: Mapping[int, int]) -> str | None:
     return None
 
 
+def _record_applied(run: Run, applied: AppliedRuns, kind: str, outcomes: Sequence[Outcome], *,
+                    plan: str | None = None, undone: str | None = None) -> str | None:
+    """Note a run that sent changes (any reviewed plan written before it is now an older
+    plan); what went wrong, when the record could not be written."""
+    if not outcomes and not plan and not undone:
+        return None
+    try:
+        applied.applied(run.run_id, kind, plan=plan, undone=undone)
+    except OSError as exc:
+        return ("the changes were applied, but " + cannot_write("the record of applied runs", applied.path, exc)
+                + "; a plan written before this run would not be recognised as older")
+    return None
+
+
 def _stop_if(problem: str | None, code: int) -> int:
     """The run's exit code, or a stop (exit 2) when a state file could not be saved."""
     if problem:
@@ -4749,9 +4845,10 @@ def run_sync(run: Run) -> int:
         log.info("account %s in %s matches no PowerSchool student (report only)", account.email, account.org_unit)
     if len(unowned) > 50:
         log.info("... and %d more accounts nobody owns (see --report)", len(unowned) - 50)
+    applied = AppliedRuns(run.applied_path)
     if args.plan_out:
         write_plan_file(args.plan_out, plan_, scope=scope, today=today, settings=settings, run_id=run.run_id,
-                        active=weighed.enrolled)
+                        active=weighed.enrolled, last_applied_run=applied.last_run_id)
         log.info("plan written to %s", args.plan_out)
 
     problems = _safety_problems(plan_, weighed.row_count, weighed.enrolled, scope, settings,
@@ -4767,7 +4864,7 @@ def run_sync(run: Run) -> int:
         else:
             saved = run.logs / f"plan-{run.run_id}.json"
             write_plan_file(saved, plan_, scope=scope, today=today, settings=settings, run_id=run.run_id,
-                            active=weighed.enrolled)
+                            active=weighed.enrolled, last_applied_run=applied.last_run_id)
             if args.report:
                 stopped = [Outcome(c, Status.NOT_APPLIED, "safety stop") for c in plan_.changes]
                 _write_report_or_say(args.report, stopped, plan_.notices, unowned)
@@ -4793,17 +4890,39 @@ def run_sync(run: Run) -> int:
         return code
     outcomes = _apply(run, "sync", client, plan_.changes, password,
                       _reconciler(plan_.decisions, directory, settings))
-    counts_problem = _save_counts(run, weighed.enrolled)
-    return _stop_if(counts_problem, _finish(run, outcomes, plan_.notices, plan_.unchanged, False, unowned))
+    problem = _save_counts(run, weighed.enrolled) or _record_applied(run, applied, "sync", outcomes)
+    return _stop_if(problem, _finish(run, outcomes, plan_.notices, plan_.unchanged, False, unowned))
 
 
 def run_apply_plan(run: Run) -> int:
-    """Apply a reviewed plan: its changes only, each where the account still holds the planned 'now'."""
-    document, changes = read_plan_file(run.args.apply_plan, run.settings)
-    log.info("plan %s: %d changes, made %s for %s", run.args.apply_plan, len(changes),
+    """Apply a reviewed plan: its changes only, each where the student is still one of the
+    plan's scope in PowerSchool and the account still holds the planned 'now'."""
+    args, settings = run.args, run.settings
+    document, changes = read_plan_file(args.apply_plan, settings)
+    log.info("plan %s: %d changes, made %s for %s", args.apply_plan, len(changes),
              document.get("created"), (document.get("scope") or {}).get("kind"))
+    applied = AppliedRuns(run.applied_path)
+    digest = plan_digest(document["changes"])
+    before = applied.plans.get(digest)
+    if before:
+        log.info("plan %s was already applied by run %s (%s): nothing to do; for what changed since, "
+                 "make a new plan with --dry-run --plan-out FILE", args.apply_plan, before.get("run_id"),
+                 before.get("time"))
+        return _finish(run, [], [], 0, args.dry_run)
+    older = applied.plan_is_older(document)
+    if older and not args.allow_older_plan:
+        raise StopRun(
+            f"plan file {args.apply_plan} was written before run {applied.last_run_id} applied changes "
+            f"({applied.last.get('time')}): applying it could undo that run's work, for example suspend "
+            "a student who re-enrolled since. Make a new plan (--dry-run --plan-out FILE), or apply this "
+            "one anyway with --allow-older-plan (its changes are then checked against PowerSchool as "
+            "it is now)")
+    if older:
+        log.warning("plan %s is older than run %s (--allow-older-plan): its figures will not become the "
+                    "source-sanity baseline", args.apply_plan, applied.last_run_id)
+    changes, stale = _students_now(run, document, changes)
     client, directory = _read_whole_directory(run)
-    current, stale = [], []
+    current = []
     creating = {_key(c.email) for c in changes if c.action == Action.CREATE}
     for change in changes:
         account = directory.accounts.get(change.email.lower())
@@ -4817,26 +4936,66 @@ def run_apply_plan(run: Run) -> int:
             stale.append(Outcome(change, Status.STALE, "the account changed since the plan was made; skipped"))
     for outcome in stale:
         _log_outcome(outcome)
-    dry_run = run.args.dry_run
-    password = _new_account_password(run.settings, current, dry_run)
-    counts_problem = None
-    schema = _schema_problem(client, run.settings, current)
+    dry_run = args.dry_run
+    password = _new_account_password(settings, current, dry_run)
+    schema = _schema_problem(client, settings, current)
     if schema and not dry_run:
         raise StopRun(schema)
     if dry_run:
-        outcomes = _preview(current)
+        code = _finish(run, [*_preview(current), *stale], [], 0, dry_run)
         if schema:
-            _finish(run, [*outcomes, *stale], [], 0, dry_run)
             raise StopRun("a real run would stop here (dry run): " + schema)
-    else:
-        outcomes = _apply(run, "apply-plan", client, current, password)
-        try:
-            active = {int(k): int(v) for k, v in (document.get("active_students") or {}).items()}
-        except (AttributeError, TypeError, ValueError):
-            active = {}
-        if active:  # the reviewed figures become the source-sanity baseline
-            counts_problem = _save_counts(run, active)
-    return _stop_if(counts_problem, _finish(run, [*outcomes, *stale], [], 0, dry_run))
+        return code
+    outcomes = _apply(run, "apply-plan", client, current, password)
+    problem = None
+    try:
+        active = {int(k): int(v) for k, v in (document.get("active_students") or {}).items()}
+    except (AttributeError, TypeError, ValueError):
+        active = {}
+    if active and not older:  # the reviewed figures become the source-sanity baseline
+        problem = _save_counts(run, active)
+    problem = problem or _record_applied(run, applied, "apply-plan", outcomes, plan=digest)
+    return _stop_if(problem, _finish(run, [*outcomes, *stale], [], 0, dry_run))
+
+
+def _plan_scope(document: Mapping[str, Any], path: Path) -> Scope:
+    scope = document.get("scope")
+    try:
+        kind, schools = scope["kind"], scope["schools"]
+        if kind not in ("all", "state-reporting", "building") or not all(type(n) is int for n in schools):
+            raise ValueError(kind)
+        return Scope(kind, frozenset(schools))
+    except (KeyError, TypeError, ValueError):
+        raise StopRun(f"plan file {path} names no scope (kind and schools)") from None
+
+
+def _students_now(run: Run, document: Mapping[str, Any], changes: Sequence[Change]) -> tuple[list[Change], list[Outcome]]:
+    """The changes of a reviewed plan whose students PowerSchool, as it is now, still places
+    in the plan's scope with the same verdict, and the others as stale outcomes.
+
+    A plan is never the authority on who is a student: a change for a student no longer of
+    the scope, a suspension of a student who should be active again, or a create for one who
+    should not be, is skipped."""
+    if not changes:
+        return [], []
+    scope = _plan_scope(document, run.args.apply_plan)
+    with _powerschool(run) as connection:
+        rows = _read_rows(connection, scope, _read_school_rows(connection))
+    decisions = decide_all(rows, run.settings, run.today(), scope).by_email
+    keep, stale = [], []
+    for change in changes:
+        decision = decisions.get(_key(change.email))
+        if decision is None:
+            reason = "not a student of the plan's scope in PowerSchool now (or bad data); skipped"
+        elif change.action == Action.SUSPEND and decision.should_be_active:
+            reason = "PowerSchool now says the student should be active: not suspended"
+        elif change.action == Action.CREATE and not decision.should_be_active:
+            reason = "PowerSchool now says the student should not be active: not created"
+        else:
+            keep.append(change)
+            continue
+        stale.append(Outcome(change, Status.STALE, reason))
+    return keep, stale
 
 
 def _licence_still_current(change: Change, account: Account | None, directory: Directory,
@@ -4857,23 +5016,47 @@ def _preview(changes: Sequence[Change]) -> list[Outcome]:
 
 
 def run_undo(run: Run) -> int:
-    """Reverse an earlier run from its journal."""
-    entries = read_journal(run.logs, run.args.undo, run.settings)
-    log.info("undo of run %s: %d journal entries", run.args.undo, len(entries))
+    """Reverse an earlier run from its journal, under the limits of any run."""
+    args, settings = run.args, run.settings
+    entries = read_journal(run.logs, args.undo, settings)
+    applied = AppliedRuns(run.applied_path)
+    before = applied.undone.get(args.undo)
+    if before:
+        log.info("run %s was already undone by run %s (%s): nothing to do", args.undo,
+                 before.get("run_id"), before.get("time"))
+        return _finish(run, [], [], 0, args.dry_run)
+    log.info("undo of run %s: %d journal entries", args.undo, len(entries))
     client, directory = _read_whole_directory(run)
     changes, notices = undo_changes(entries, directory)
     for notice in notices:
         _log_notice(notice)
-    schema = _schema_problem(client, run.settings, changes)
-    if schema and not run.args.dry_run:
+    log.info("the undo would suspend %d accounts ([safety] max_suspensions = %d)",
+             sum("suspend" in c.labels for c in changes), settings.safety.max_suspensions)
+    stop: StopRun | None = None
+    problems = change_limit_problems(changes, settings, f"the undo of run {args.undo}")
+    if problems and args.allow_mass_changes:
+        for problem in problems:
+            log.warning("allowed by --allow-mass-changes: %s", problem)
+    elif problems and args.dry_run:
+        stop = SafetyStop("a real run would stop here (safety stop, dry run): " + "; ".join(problems)
+                          + "; if it is right, run the undo with --allow-mass-changes")
+    elif problems:
+        raise SafetyStop("safety stop, nothing was changed: " + "; ".join(problems) + f". Review it with "
+                         f"--undo {args.undo} --dry-run; if it is right, run the undo again with "
+                         "--allow-mass-changes")
+    schema = None if stop else _schema_problem(client, settings, changes)
+    if schema and not args.dry_run:
         raise StopRun(schema)
-    if run.args.dry_run:
+    if schema:
+        stop = StopRun("a real run would stop here (dry run): " + schema)
+    if args.dry_run:
         code = _finish(run, _preview(changes), notices, 0, dry_run=True)
-        if schema:
-            raise StopRun("a real run would stop here (dry run): " + schema)
+        if stop:
+            raise stop
         return code
     outcomes = _apply(run, "undo", client, changes, None)
-    return _finish(run, outcomes, notices, 0)
+    problem = _record_applied(run, applied, "undo", outcomes, undone=args.undo)
+    return _stop_if(problem, _finish(run, outcomes, notices, 0))
 
 
 def run_check(run: Run) -> int:
@@ -5059,6 +5242,9 @@ def build_parser() -> argparse.ArgumentParser:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--apply-plan", type=Path, metavar="FILE",
                       help="apply a reviewed plan file: its changes only, where still current")
+    parser.add_argument("--allow-older-plan", action="store_true",
+                        help="with --apply-plan: apply a plan written before the last run that applied "
+                             "changes (its changes are checked against PowerSchool as it is now)")
     mode.add_argument("--undo", metavar="RUN_ID", help="reverse the changes of an earlier run")
     mode.add_argument("--check", action="store_true", help="preflight checks; changes nothing")
     mode.add_argument("--authorize", action="store_true",
@@ -5074,6 +5260,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _usage_problem(args: argparse.Namespace) -> str | None:
     """A combination of options that makes no sense, in words; None when fine."""
     kind = _scope_kind(args)
+    if args.allow_older_plan and not args.apply_plan:
+        return "--allow-older-plan goes with --apply-plan FILE"
     if args.apply_plan or args.undo:
         option = "--apply-plan" if args.apply_plan else "--undo"
         if kind:

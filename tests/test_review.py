@@ -392,7 +392,7 @@ def test_applying_the_same_plan_twice_changes_nothing_the_second_time(sync, tmp_
 
     assert again.code == 0, again.output
     assert sync.writes() == []
-    assert "stale" in again.output
+    assert "already applied" in again.output
 
 
 def test_apply_plan_with_creates_and_no_password_exits_2_and_changes_nothing(sync, tmp_path, monkeypatch):
