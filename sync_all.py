@@ -5,7 +5,11 @@
 
 import sys
 
-import student_sync
+try:
+    import student_sync
+except ImportError as exc:  # Python older than 3.11: student_sync says which one is needed
+    sys.stderr.write(f"{exc}\n")
+    sys.exit(2)
 
 if __name__ == "__main__":
     sys.exit(student_sync.main(["--all", *sys.argv[1:]]))

@@ -606,7 +606,8 @@ OLD_PYTHON = (
 )
 
 
-@pytest.mark.parametrize("script", ["student_sync.py", "demo.py"])
+@pytest.mark.parametrize("script", ["student_sync.py", "demo.py", "sync_all.py", "sync_building.py",
+                                    "sync_state_reporting.py"])
 def test_an_older_python_is_told_that_311_is_needed(script):
     child = subprocess.run([sys.executable, "-c", OLD_PYTHON, str(ROOT / script)], capture_output=True,
                            text=True, cwd=ROOT, timeout=60)
