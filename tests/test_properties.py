@@ -89,7 +89,8 @@ def mostly(draw, usual: st.SearchStrategy, odd: st.SearchStrategy) -> Any:
     return draw(odd) if draw(st.integers(0, 5)) == 5 else draw(usual)
 
 
-# How PowerSchool may hand a student number back (all mean the same student), and bad ones.
+# How PowerSchool may hand a student number back (all mean the same student), and bad ones
+# (padded text is bad data: issue 10.7).
 student_numbers = mostly(
     st.sampled_from(POOL),
     st.one_of(st.sampled_from(POOL).map(str), st.sampled_from(POOL).map(float),
@@ -245,8 +246,8 @@ def number_of(value: Any) -> int | None:
         return None
     if isinstance(value, float):
         value = int(value) if value.is_integer() else None
-    elif isinstance(value, str):
-        value = int(value.strip()) if value.strip().lstrip("-").isdigit() else None
+    elif isinstance(value, str):  # digits only (issue 10.7): "  1003 " is bad data, not 1003
+        value = int(value) if value.isascii() and value.isdigit() else None
     return value if isinstance(value, int) and value > 0 else None
 
 
