@@ -2045,19 +2045,43 @@ class RateLimiter:
         self._lock = threading.Lock()
 
     def acquire(self) -> None:
-        while True:
-            with self._lock:
-                now = self._clock()
-                self._tokens = min(self.burst, self._tokens + (now - self._filled) * self.rate)
-                self._filled = now
-                window_free = len(self._granted) < self.capacity or now >= self._granted[0] + self.window
-                if self._tokens >= 1 and window_free:
-                    self._tokens -= 1
-                    self._granted.append(now)
-                    return
-                wait = max((1 - self._tokens) / self.rate,
-                           0.0 if window_free else self._granted[0] + self.window - now)
-            self._sleep(max(wait, 0.001))
+        acquire_together((self,))
+
+    def _wait(self, now: float) -> float:
+        """Seconds until a call may start (0: now), the bucket refilled to `now`; lock held."""
+        self._tokens = min(self.burst, self._tokens + (now - self._filled) * self.rate)
+        self._filled = now
+        window_free = len(self._granted) < self.capacity or now >= self._granted[0] + self.window
+        if self._tokens >= 1 and window_free:
+            return 0.0
+        return max((1 - self._tokens) / self.rate, 0.0 if window_free else self._granted[0] + self.window - now)
+
+    def _take(self, now: float) -> None:
+        self._tokens -= 1
+        self._granted.append(now)
+
+
+def acquire_together(limiters: Sequence[RateLimiter]) -> None:
+    """Wait until every one of `limiters` lets a call start, then count it in all of them
+    at that one moment -- the moment it is sent.  Taking one token and then waiting for the
+    next (a create waiting for the create limit) would count it in the first limiter
+    earlier than it really goes out, and the busiest second could hold more than the limit.
+    """
+    ordered = sorted(set(limiters), key=id)  # one locking order for every thread: no deadlock
+    if not ordered:
+        return
+    clock, sleep = ordered[0]._clock, ordered[0]._sleep
+    while True:
+        with contextlib.ExitStack() as locks:
+            for limiter in ordered:
+                locks.enter_context(limiter._lock)
+            now = clock()
+            wait = max(limiter._wait(now) for limiter in ordered)
+            if wait <= 0:
+                for limiter in ordered:
+                    limiter._take(now)
+                return
+        sleep(max(wait, 0.001))
 
 
 @dataclass
@@ -2081,8 +2105,7 @@ class RetryPolicy:
         a minute, and a wrong endpoint should fail fast.
         """
         for attempt in range(self.attempts):
-            for limiter in ((self.limiter,) if self.limiter else ()) + tuple(limiters):
-                limiter.acquire()
+            acquire_together(((self.limiter,) if self.limiter else ()) + tuple(limiters))
             try:
                 return request()
             except Exception as exc:
@@ -3856,17 +3879,35 @@ def read_journal(folder: Path, run_id: str, settings: Settings) -> list[dict[str
         known = sorted(p.stem[len("journal-"):] for p in folder.glob("journal-*.jsonl"))[-5:]
         raise StopRun(f"no journal for run {run_id} in {folder}"
                       + (f" (latest runs: {', '.join(known)})" if known else ""))
+    lines = path.read_text(encoding="utf-8").splitlines()
+    last = max((number for number, line in enumerate(lines, start=1) if line.strip()), default=0)
     entries, problems = [], []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(lines, start=1):
         if line.strip():
             try:
                 entries.append(json.loads(line))
             except ValueError:
+                if number == last:  # cut short as it was written (a full disk, a power cut)
+                    log.warning("journal %s: its last line (line %d) is incomplete; every line before it "
+                                "is undone", path, number)
+                    entries.append(_incomplete_entry(line, number))
+                    break
                 raise StopRun(f"journal {path} line {number} is not valid JSON") from None
             problems += [(number, address, problem) for _, address, problem
                          in change_problems(entries[-1:], settings, restoring=True)]
     _refuse_changes(f"journal {path}", "line {}", problems)
     return entries
+
+
+_INCOMPLETE = "incomplete"   # the result of the entry standing for a journal's cut-short last line
+
+
+def _incomplete_entry(line: str, number: int) -> dict[str, Any]:
+    """What can be read of a half-written journal line: whose change it was, if that much was written."""
+    student = re.search(r'"student_number":\s*(\d+)', line)
+    address = re.search(r'"email":\s*"([^"\\]+)"', line)
+    return {"result": _INCOMPLETE, "line": number, "student_number": student.group(1) if student else "?",
+            "email": address.group(1) if address else ""}
 
 
 _OPPOSITE = {"suspend": "unsuspend", "unsuspend": "suspend"}
@@ -3881,6 +3922,11 @@ def undo_changes(entries: Sequence[Mapping[str, Any]], directory: Directory) -> 
     changes: list[Change] = []
     notices: list[Notice] = []
     for entry in reversed(entries):
+        if entry.get("result") == _INCOMPLETE:
+            notices.append(Notice(Level.ERROR, str(entry["student_number"]), str(entry["email"]),
+                                  f"not undone: the journal's last line (line {entry['line']}) is incomplete, "
+                                  "cut short when it was written; check this account by hand"))
+            continue
         if entry.get("result") != Status.APPLIED:
             continue
         try:

@@ -181,20 +181,22 @@ def test_a_refused_connection_fails_fast():
     assert request.calls == student_sync.RetryPolicy().refused_attempts
 
 
-def test_every_attempt_waits_for_the_rate_limiters():
+def test_every_attempt_is_counted_in_every_rate_limiter_at_the_moment_it_is_sent():
     clock = FakeClock()
-    calls = []
-
-    class Counting(student_sync.RateLimiter):
-        def acquire(self):
-            calls.append(self)
-
-    overall, creates = Counting(35), Counting(9)
+    overall = student_sync.RateLimiter(35, clock=clock.clock, sleep=clock.sleep)
+    creates = student_sync.RateLimiter(1, clock=clock.clock, sleep=clock.sleep)
     policy = student_sync.RetryPolicy(sleep=clock.sleep, jitter=lambda: 0, limiter=overall)
+    sent = []
+    request = Flaky(http_error(503, "backendError"))
 
-    policy.call(Flaky(http_error(503, "backendError")), limiters=(creates,))
+    def send():
+        sent.append(clock.now)
+        return request()
 
-    assert calls == [overall, creates, overall, creates]
+    policy.call(send, limiters=(creates,))
+
+    assert len(sent) == 2 and sent[1] >= sent[0] + 1.0        # the second try waited for the create limit
+    assert list(overall._granted) == sent and creates._granted[-1] == sent[-1]   # counted when sent
 
 
 def test_an_unexpected_transport_error_fails_one_student_and_the_rest_is_applied_and_journalled(
