@@ -5531,6 +5531,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:  # outside the applying, where Ctrl-C is only a stop
         log.error("interrupted (Ctrl-C)")
         code, fatal = EXIT_INTERRUPTED, "interrupted (Ctrl-C)"
+    except OSError as exc:  # the computer refused a file (a full disk, no rights): which, and to whom
+        log.debug("the refusal in full:", exc_info=True)
+        fatal = (f"the system refused a file operation to {account_name()}: {exc.strerror or type(exc).__name__}"
+                 + (f" ({exc.filename})" if exc.filename else "") + "; see the log for what was done before")
+        log.error("%s", fatal)
+        code = EXIT_ERROR
     except Exception:  # a defect: keep the whole story in the log and say so
         log.exception("unexpected error; please report it with this log")
         code, fatal = EXIT_ERROR, "unexpected error: see the log"

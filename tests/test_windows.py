@@ -525,6 +525,28 @@ def test_school_counts_on_a_full_disk_keep_the_last_figures(sync, monkeypatch):
     assert not [p for p in logs(sync).iterdir() if p.name.endswith(".tmp")]
 
 
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names an open file through /proc")
+def test_a_plan_file_on_a_full_disk_is_exit_2_naming_the_reason_not_a_defect(sync, tmp_path, monkeypatch):
+    sync.student(1015)
+    plan = tmp_path / "night-plan.json"
+    plan.write_text("the last reviewed plan\n", encoding="utf-8")
+    real_fsync = os.fsync
+
+    def full(descriptor):
+        if Path(f"/proc/self/fd/{descriptor}").resolve().name.startswith(f".{plan.name}."):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(descriptor)
+
+    monkeypatch.setattr(os, "fsync", full)
+    result = sync.run("--all", "--dry-run", "--plan-out", str(plan))
+
+    assert result.code == 2, result.output
+    no_surprise(result.output)
+    assert "No space left on device" in result.output and USER in result.output
+    assert plan.read_text(encoding="utf-8") == "the last reviewed plan\n"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".night")] == []
+
+
 # ---------------------------------------------------------------------------------------------
 # 3. Secrets in the operating system's credential store
 # ---------------------------------------------------------------------------------------------
