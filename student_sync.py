@@ -1826,7 +1826,7 @@ def describe_network_error(exc: BaseException, url: str | None = None) -> str:
         return (f"the certificate of {host} is not trusted (a proxy or firewall that inspects HTTPS?): add its "
                 "root certificate (REQUESTS_CA_BUNDLE for sign-in, HTTPLIB2_CA_CERTS for the directory) or "
                 "exempt Google's addresses from inspection")
-    if "ProxyError" in names:
+    if any("Proxy" in name for name in names):  # requests' ProxyError, httplib2's socks errors
         variable = next((v for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HTTP_PROXY",
                                      "http_proxy") if os.environ.get(v)), None)
         proxy = urlsplit(os.environ.get(variable, "") if variable else "")

@@ -568,6 +568,19 @@ def test_google_unreachable_while_refreshing_the_token_names_the_cause(sync, mon
     no_traceback(result.output)
 
 
+@pytest.mark.parametrize("mode", [("--all",), ("--check",)], ids=["run", "check"])
+def test_a_directory_endpoint_that_refuses_says_so(sync, no_backoff, mode):
+    port = free_port()
+    sync.settings({"google": {"api_endpoint": f"http://127.0.0.1:{port}/"}})
+    sync.student(1001)
+
+    result = sync.run(*mode)
+
+    assert result.code == 2, result.output
+    assert f"127.0.0.1:{port} refused the connection" in result.output, result.output
+    no_traceback(result.output)
+
+
 def test_a_token_endpoint_answering_with_an_html_page_says_so(sync, monkeypatch, html_endpoint):
     expired_token(sync, html_endpoint + "token", monkeypatch)
     sync.student(1001)
