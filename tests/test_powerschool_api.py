@@ -533,3 +533,14 @@ def test_pages_that_overlap_are_not_taken_for_the_table(sync, api, monkeypatch):
     result = sync.run("--all")
     assert result.code == 2, result.output
     assert not sync.writes()
+
+
+def test_the_demo_runs_with_the_api_source(capfd, tmp_path, monkeypatch):
+    import demo
+
+    monkeypatch.setattr(demo.tempfile, "mkdtemp", lambda **_: str(tmp_path))
+    assert demo.main(["--source", "api"]) == 0
+    output = capfd.readouterr().out
+    assert "PowerSchool plugin API at http://127.0.0.1:" in output
+    assert "read through the API" in output
+    assert "Demo finished" in output
