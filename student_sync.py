@@ -4214,6 +4214,18 @@ class _ConsoleHandler(logging.StreamHandler):
     """The console: when nobody reads it any more (`| head`, a closed window), it goes quiet and
     the run goes on; the log file keeps every line."""
 
+    progress: "Progress | None" = None   # a counter on the terminal, taken off for each line
+
+    def emit(self, record: logging.LogRecord) -> None:
+        progress = self.progress
+        if progress is None:
+            super().emit(record)
+            return
+        with progress.lock:  # no step can draw between the clearing and the line
+            progress.clear()
+            super().emit(record)
+            progress.redraw()
+
     def handleError(self, record: logging.LogRecord) -> None:
         if isinstance(sys.exc_info()[1], OSError):  # EPIPE; EINVAL on Windows
             self.stream = _silence_stdout()  # not setStream: it would flush the broken stream
@@ -4373,37 +4385,74 @@ def summarize(outcomes: Sequence[Outcome], notices: Sequence[Notice], unchanged:
 
 
 class Progress:
-    """A one-line counter on the terminal; silent when output goes to a file or a scheduler."""
+    """A one-line counter on the terminal; silent when output goes to a file or a scheduler.
+
+    A log line printed while the counter shows takes it off the line first and draws it
+    again below, so that the two never run together (`applying: 1/2640create ...`).
+    """
 
     def __init__(self, label: str, total: int | None = None, stream: Any = None):
         self.stream = stream or sys.stderr
         self.enabled = bool(getattr(sys.stdout, "isatty", lambda: False)()) and bool(
             getattr(self.stream, "isatty", lambda: False)())
         self.label, self.total, self.done = label, total, 0
-        self._lock = threading.Lock()
+        self.lock = threading.RLock()
+        self._shown = 0  # characters of the counter on the screen now
+        if self.enabled:
+            for handler in log.handlers:
+                if isinstance(handler, _ConsoleHandler):
+                    handler.progress = self
 
     def step(self, count: int = 1) -> None:
-        with self._lock:
+        with self.lock:
             self.done += count
-            if self.enabled:
-                of = f"/{self.total}" if self.total else ""
-                self.stream.write(f"\r{self.label}: {self.done}{of}")
-                self.stream.flush()
+            self._draw()
+
+    def _draw(self) -> None:
+        if self.enabled:
+            of = f"/{self.total}" if self.total else ""
+            text = f"{self.label}: {self.done}{of}"
+            self.stream.write("\r" + text)
+            self.stream.flush()
+            self._shown = len(text)
+
+    def clear(self) -> None:
+        """Take the counter off the screen (before a log line); the caller holds the lock."""
+        if self._shown:
+            self.stream.write("\r" + " " * self._shown + "\r")
+            self.stream.flush()
+            self._shown = 0
+
+    def redraw(self) -> None:
+        """Draw the counter again (after a log line); the caller holds the lock."""
+        if self.done:
+            self._draw()
 
     def close(self) -> None:
         """End the line (once: closing again does nothing)."""
-        if self.enabled and self.done:
-            self.stream.write("\n")
-            self.stream.flush()
-        self.enabled = False
+        with self.lock:
+            if self.enabled and self._shown:
+                self.stream.write("\n")
+                self.stream.flush()
+            self.enabled, self._shown = False, 0
+            for handler in log.handlers:
+                if isinstance(handler, _ConsoleHandler) and handler.progress is self:
+                    handler.progress = None
+
+
+EMAIL_DEADLINE_SECONDS = 60.0   # the whole send, however slowly the server answers
 
 
 def send_summary_email(settings: Settings, subject: str, body: str) -> None:
-    """Send the run summary; a failure is logged and never changes the run's outcome."""
+    """Send the run summary; a failure is logged and never changes the run's outcome.
+
+    The whole send has one deadline: a server that answers a byte at a time cannot hold
+    the run (and its lock) longer than EMAIL_DEADLINE_SECONDS.  The conversation runs in a
+    thread; at the deadline its connection is shut, which ends it.
+    """
     # Imported here: they take a noticeable share of start-up (the benchmark measures it)
     # and only a run that emails needs them.
     import smtplib
-    import ssl
     from email.message import EmailMessage
 
     em = settings.email
@@ -4412,13 +4461,55 @@ def send_summary_email(settings: Settings, subject: str, body: str) -> None:
     message = EmailMessage()
     message["From"], message["To"], message["Subject"] = em.sender, ", ".join(em.to), subject
     message.set_content(body)
+    deadline = EMAIL_DEADLINE_SECONDS
+    connection: list[Any] = []   # the SMTP object, so that the deadline can hang up on it
+    result: list[BaseException | str | None] = []
+    sender = threading.Thread(target=_send_email, args=(em, message, deadline, connection, result),
+                              name="email", daemon=True)
+    sender.start()
+    sender.join(deadline)
+    if sender.is_alive() or not result:
+        for smtp in connection:
+            _hang_up(smtp)
+        log.error("could not email the summary through %s:%s (timed out: the whole send may take %g s); "
+                  "the run's result is unchanged", em.smtp_host, em.smtp_port, deadline)
+        return
+    outcome = result[0]
+    if outcome is None:
+        log.info("summary emailed to %s", ", ".join(em.to))
+    elif isinstance(outcome, str):
+        log.error("%s", outcome)
+    else:
+        reason = (outcome.smtp_code if isinstance(outcome, smtplib.SMTPResponseException)
+                  else "timed out" if isinstance(outcome, TimeoutError) else type(outcome).__name__)
+        log.error("could not email the summary through %s:%s (%s); the run's result is unchanged",
+                  em.smtp_host, em.smtp_port, reason)
+
+
+def _hang_up(smtp: Any) -> None:
+    """End a send that met its deadline: shut the socket, so that a blocked read returns
+    (the sending thread then closes the connection itself)."""
+    sock = getattr(smtp, "sock", None)
+    with contextlib.suppress(OSError):
+        if sock is not None:
+            sock.shutdown(socket.SHUT_RDWR)
+
+
+def _send_email(em: EmailSettings, message: Any, timeout: float, connection: list[Any],
+                result: list[BaseException | str | None]) -> None:
+    """The SMTP conversation, in the "email" thread; its outcome goes into `result`: None
+    when sent, a refusal in words, or the exception.  No secret reaches `result`."""
+    import smtplib
+
     user = read_secret(em.user_env).value if em.user_env else ""
     password = read_secret(em.password_env).value if em.password_env else ""
     implicit_tls = em.smtp_port == 465
     try:
-        connect = (functools.partial(smtplib.SMTP_SSL, context=ssl.create_default_context())
-                   if implicit_tls else smtplib.SMTP)
-        with connect(em.smtp_host, em.smtp_port, timeout=30) as smtp:
+        smtp = (smtplib.SMTP_SSL(timeout=timeout, context=ssl.create_default_context())
+                if implicit_tls else smtplib.SMTP(timeout=timeout))
+        connection.append(smtp)   # before connecting: the greeting itself may trickle
+        try:
+            smtp.connect(em.smtp_host, em.smtp_port)
             smtp.ehlo()
             encrypted = implicit_tls
             if not encrypted and smtp.has_extn("starttls"):
@@ -4427,17 +4518,19 @@ def send_summary_email(settings: Settings, subject: str, body: str) -> None:
                 encrypted = True
             if user and password:
                 if not encrypted and not _is_loopback(em.smtp_host):
-                    log.error("not emailing the summary: %s:%s offers no STARTTLS, and the SMTP password "
-                              "is not sent unencrypted (use port 587 with STARTTLS, or 465)",
-                              em.smtp_host, em.smtp_port)
+                    result.append(f"not emailing the summary: {em.smtp_host}:{em.smtp_port} offers no "
+                                  "STARTTLS, and the SMTP password is not sent unencrypted (use port 587 "
+                                  "with STARTTLS, or 465)")
                     return
                 smtp.login(user, password)
             smtp.send_message(message)
-        log.info("summary emailed to %s", ", ".join(em.to))
+            with contextlib.suppress(OSError, smtplib.SMTPException):
+                smtp.quit()
+        finally:
+            smtp.close()
+        result.append(None)
     except (OSError, smtplib.SMTPException) as exc:
-        reason = exc.smtp_code if isinstance(exc, smtplib.SMTPResponseException) else type(exc).__name__
-        log.error("could not email the summary through %s:%s (%s); the run's result is unchanged",
-                  em.smtp_host, em.smtp_port, reason)
+        result.append(exc)
 
 
 # =============================================================================
@@ -5138,11 +5231,13 @@ def run_check(run: Run) -> int:
     except StopRun as exc:
         report(False, str(exc))
 
+    weighed: Decisions | None = None
     if directory is not None:
         needed = {settings.ous.suspended, settings.ous.graduated}
         decisions: Mapping[str, Decision] | None = None
         if scope is not None:
-            decisions = decide_all(rows, settings, run.today(), scope).by_email
+            weighed = decide_all(rows, settings, run.today(), scope)
+            decisions = weighed.by_email
             needed |= {d.target_ou for d in decisions.values()}
             schools = {r.school for r in rows if r.school is not None and r.school.number in scope.school_numbers}
             needed |= {building_ou(school, settings)
@@ -5166,7 +5261,43 @@ def run_check(run: Run) -> int:
             log.warning("%s", text)
         else:
             report(ok, text)
+    if scope is not None:
+        for ok, text in _next_run_figures(run, scope, len(rows), counts, weighed, directory):
+            report(ok, text)
     return EXIT_OK if all(results) else EXIT_ERROR
+
+
+def _next_run_figures(run: Run, scope: Scope, row_count: int, counts: Mapping[int, int],
+                      weighed: Decisions | None, directory: Directory | None) -> Iterator[tuple[bool, str]]:
+    """The safety figures the next run would meet (SPEC section 7): each school's drop since
+    the last run, and the planned suspensions against [safety] max_suspensions; a FAIL when
+    the next run would stop on them."""
+    settings, safety = run.settings, run.settings.safety
+    previous = load_school_counts(run.counts_path)
+    allow = " (if that is right, run with --allow-mass-changes, or review and apply its plan)"
+    if not row_count and _had_students(scope, previous, directory, settings):
+        yield False, (f"the next run would stop (source sanity): PowerSchool returned no students for "
+                      f"{scope.describe()}")
+    else:
+        drops = school_drops(previous, counts, safety.max_school_drop_percent)
+        compared = sum(1 for school, n in previous.items() if school in counts and n >= 20)
+        if drops:
+            yield False, ("the next run would stop (source sanity): active students dropped by more than "
+                          f"[safety] max_school_drop_percent = {safety.max_school_drop_percent:g}% since the "
+                          "last run: " + "; ".join(drops) + allow)
+        else:
+            yield True, (f"source sanity: no school dropped by more than [safety] max_school_drop_percent = "
+                         f"{safety.max_school_drop_percent:g}% since the last run ({compared} schools of 20 "
+                         "or more students compared)")
+    if weighed is None or directory is None:
+        return
+    suspensions = len(plan_changes(weighed, directory, settings).suspensions())
+    if suspensions > safety.max_suspensions:
+        yield False, (f"the next run would stop (mass change): it would suspend {suspensions} accounts, more "
+                      f"than [safety] max_suspensions = {safety.max_suspensions}" + allow)
+    else:
+        yield True, (f"the next run would suspend {suspensions} accounts ([safety] max_suspensions = "
+                     f"{safety.max_suspensions})")
 
 
 def _check_licences(client: DirectoryClient, settings: Settings, students: set[str] | None) -> tuple[bool, str]:

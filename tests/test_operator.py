@@ -103,8 +103,8 @@ def test_check_all_ok_prints_one_ok_line_per_check_and_exits_0(sync):
     assert result.code == 0, result.output
     assert not lines_starting(result.output, "FAIL"), result.output
     ok = lines_starting(result.output, "OK")
-    assert len(ok) == 7, result.output
-    settings, powerschool, google, ous, schema, password, files = ok
+    assert len(ok) == 9, result.output
+    settings, powerschool, google, ous, schema, password, files, drop, suspensions = ok
     assert "settings" in settings
     assert "PowerSchool" in powerschool and "101: 2" in powerschool and "102: 1" in powerschool
     assert "Google" in google and "authorized" in google
@@ -112,6 +112,7 @@ def test_check_all_ok_prints_one_ok_line_per_check_and_exits_0(sync):
     assert district.CATEGORY in schema and district.SCHOOL_FIELD in schema and district.GRAD_FIELD in schema
     assert "NEW_USER_PASSWORD" in password
     assert "logs folder" in files and "can be written" in files
+    assert "max_school_drop_percent" in drop and "max_suspensions" in suspensions
 
 
 def test_check_missing_building_ous_is_a_fail_line_listing_them(sync):

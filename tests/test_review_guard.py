@@ -717,7 +717,6 @@ def fail_lines(output: str) -> list[str]:
     return [line for line in output.splitlines() if line.startswith("FAIL")]
 
 
-@pytest.mark.xfail(strict=True, reason="not yet implemented")  # NOT-YET
 def test_check_fails_when_the_next_run_would_stop_on_a_school_drop(sync):
     whs = school_of(sync, 8500, 94)
     assert sync.run("--all").code == 0
@@ -732,7 +731,6 @@ def test_check_fails_when_the_next_run_would_stop_on_a_school_drop(sync):
     assert sync.writes() == []
 
 
-@pytest.mark.xfail(strict=True, reason="not yet implemented")  # NOT-YET
 def test_check_fails_when_the_next_run_would_suspend_more_than_the_limit(sync):
     sync.settings({"safety": {"max_suspensions": 2}})
     withdrawn(sync, [8601, 8602, 8603])
@@ -745,7 +743,6 @@ def test_check_fails_when_the_next_run_would_suspend_more_than_the_limit(sync):
     assert any("3" in line and "max_suspensions" in line for line in fail_lines(result.output)), result.output
 
 
-@pytest.mark.xfail(strict=True, reason="not yet implemented")  # NOT-YET
 def test_check_shows_the_figures_as_ok_when_the_next_run_would_go_ahead(sync):
     school_of(sync, 8700, 24)
     withdrawn(sync, [8750])
@@ -812,7 +809,6 @@ def trickling():
     server.close()
 
 
-@pytest.mark.xfail(strict=True, reason="not yet implemented")  # NOT-YET
 def test_a_trickling_smtp_server_meets_the_overall_deadline_named_as_a_timeout(sync, trickling, monkeypatch):
     monkeypatch.setattr(student_sync, "EMAIL_DEADLINE_SECONDS", 0.5)
     sync.settings(email_settings(trickling.port, when="always"))
@@ -866,7 +862,6 @@ def screen(text: str) -> list[str]:
     return lines
 
 
-@pytest.mark.xfail(strict=True, reason="not yet implemented")  # NOT-YET
 def test_progress_line_is_ended_before_a_log_line_is_printed(monkeypatch):
     terminal = FakeTty()
     monkeypatch.setattr(sys, "stdout", terminal)

@@ -351,11 +351,20 @@ class Mailer:
     def __exit__(self, *exc):
         return False
 
+    def connect(self, host, port):
+        return 220, b"ok"
+
     def ehlo(self):
         return 250, b"ok"
 
     def has_extn(self, name):
         return False
+
+    def quit(self):
+        return 221, b"bye"
+
+    def close(self):
+        pass
 
     def send_message(self, message):
         self.sent.append(message.get_body(preferencelist=("plain",)).get_content())
