@@ -654,6 +654,17 @@ def test_store_secret_refuses_an_empty_answer(sync, vault, monkeypatch):
     assert vault.get_password("student_sync", "NEW_USER_PASSWORD") is None
 
 
+def test_store_secret_warns_about_a_name_the_settings_do_not_use_and_refuses_a_non_name(sync, vault, monkeypatch):
+    result = store_secret(sync, "NEW_USER_PASSWRD", ["Stored-Secret-778"] * 2, monkeypatch)
+    assert result.code == 0, result.output
+    assert re.search(r"WARNING: NEW_USER_PASSWRD is not a name the settings file .* uses", result.output)
+    assert "NEW_USER_PASSWORD" in result.output                # the names it does use
+
+    refused = store_secret(sync, "NEW USER PASSWORD", ["Stored-Secret-779"] * 2, monkeypatch)
+    assert refused.code == 2, refused.output
+    assert vault.items == {("student_sync", "NEW_USER_PASSWRD"): "Stored-Secret-778"}
+
+
 def test_check_says_where_each_secret_was_found_never_its_value(sync, vault, monkeypatch):
     sync.settings({"email": {"smtp_host": "127.0.0.1", "smtp_port": 25, "from": "sync@d118.org",
                              "to": ["tech@d118.org"], "user_env": "SMTP_USER", "password_env": "SMTP_PASSWORD"}})
