@@ -4689,7 +4689,7 @@ def _wait_for_directory(run: Run, reading: DirectoryRead, progress: Progress) ->
     except RefreshError as exc:
         raise GoogleError(_describe_refresh_error(exc, settings)) from None
     except NonJsonAnswer as exc:
-        raise GoogleError(f"Google: {exc}") from None
+        raise GoogleError(str(exc)) from None
     except Exception as exc:
         if not _is_network_error(exc):
             raise
