@@ -415,12 +415,15 @@ class Interrupted(Exception):
 
 @pytest.fixture
 def own_sigint_handler():
+    """This test's handler for SIGINT and SIGTERM: without the tool's own during apply, a
+    signal ends the run with an error instead of ending the test session."""
     def handler(signum, frame):
         raise Interrupted(signum)
 
-    previous = signal.signal(signal.SIGINT, handler)
+    previous = {number: signal.signal(number, handler) for number in (signal.SIGINT, signal.SIGTERM)}
     yield handler
-    signal.signal(signal.SIGINT, previous)
+    for number, old in previous.items():
+        signal.signal(number, old)
 
 
 @pytest.mark.parametrize("signals", [1, 2], ids=["one-ctrl-c", "two-ctrl-c"])
@@ -447,6 +450,7 @@ def test_ctrl_c_during_apply_finishes_in_flight_changes_journals_them_and_exits_
 
     assert result.code == 130, result.output
     assert signal.getsignal(signal.SIGINT) is own_sigint_handler   # restored after the apply
+    assert signal.getsignal(signal.SIGTERM) is own_sigint_handler
     assert "interrupted" in result.output.lower() and "interrupted" in summary_line(result.output)
     [message] = smtp.messages
     assert "interrupted" in message["Subject"] and "interrupted" in smtp.bodies()[0]
@@ -463,6 +467,31 @@ def test_ctrl_c_during_apply_finishes_in_flight_changes_journals_them_and_exits_
 
     assert undo.code == 0, undo.output
     assert all(sync.server.user(email(n))["suspended"] for n in created)
+
+
+def test_a_stop_request_sigterm_during_apply_stops_like_ctrl_c(sync, own_sigint_handler):
+    numbers = range(500530, 500590)
+    for number in numbers:
+        sync.student(number, grade=10)
+    sync.server.latency_ms = 20
+    creates = []
+
+    def stop_request(method, path):
+        if method == "POST" and path == USERS:
+            creates.append(1)
+            if len(creates) == 10:
+                os.kill(os.getpid(), signal.SIGTERM)
+        return None
+
+    sync.server.hook = stop_request
+
+    result = sync.run("--all")
+
+    assert result.code == 130, result.output
+    created = {n for n in numbers if sync.server.user(email(n))}
+    assert 10 <= len(created) < len(numbers)
+    assert {e["student_number"] for e in journal_entries(sync) if e["result"] == "applied"} == created
+    assert signal.getsignal(signal.SIGTERM) is own_sigint_handler
 
 
 def test_exit_code_130_is_named_in_the_readme_and_the_help():
