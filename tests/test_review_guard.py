@@ -883,3 +883,68 @@ def test_progress_line_is_ended_before_a_log_line_is_printed(monkeypatch):
     assert "WARNING: student 200017: kept in a frozen OU" in shown, shown
     assert shown[-1] == "applying: 3/3", shown
     assert not any("applying" in line and "@" in line for line in shown), shown
+
+
+# ---------------------------------------------------------------------------------------------
+# More of the same guards
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", ["other-sku", "assign-to-staff", "two-labels"])
+def test_apply_plan_refuses_a_tampered_licence_change(sync, tmp_path, case):
+    PRODUCT, PLUS = "101031", "1010310008"                      # Education Plus (Student)
+    sync.settings({"licenses": {"product_id": PRODUCT, "sku_id": PLUS, "assign": True}})
+    sync.student(7051)
+    sync.account(7051)
+    sync.server.add_user("principal@d118.org", given="Pat", family="Principal", org_unit="/Staff")
+    path = tmp_path / "plan.json"
+    assert sync.run("--all", "--dry-run", "--plan-out", str(path)).code == 0
+    document = json.loads(path.read_text(encoding="utf-8"))
+    [index] = [i for i, c in enumerate(document["changes"]) if c["action"] == "license"]
+    change = document["changes"][index]
+    if case == "other-sku":
+        change["after"] = {"license": "1010310009"}
+    elif case == "assign-to-staff":
+        change["email"] = "principal@d118.org"
+    else:
+        change["labels"] = ["assign license", "release license"]
+    bad = write_json(tmp_path / "tampered.json", document)
+    sync.server.clear_requests()
+
+    result = sync.run("--apply-plan", str(bad))
+
+    assert result.code == 2, result.output
+    assert sync.writes() == []
+    assert f"changes[{index}]" in result.output
+
+
+def test_an_undo_can_itself_be_undone(sync):
+    base = 7060
+    sync.student(base)                                          # created
+    sync.student(base + 1, "Anne")                              # unsuspended, moved, renamed
+    sync.account(base + 1, given="Annie", org_unit=SUSPENDED_OU, suspended=True)
+    sync.student(base + 2)                                      # attributes never set before
+    sync.server.add_user(email(base + 2), given="Ann", family="Lee", org_unit=WHS_9)
+    withdrawn(sync, [base + 3])                                 # suspended
+    synced = sync.run("--all")
+    assert synced.code == 0, synced.output
+    after_sync = {n: looks_of(sync.server, n) for n in range(base, base + 4)}
+    undone = sync.run("--undo", run_id_of(synced))
+    assert undone.code == 0, undone.output
+
+    redone = sync.run("--undo", run_id_of(undone))
+
+    assert redone.code == 0, redone.output
+    for number in (base + 1, base + 3):
+        assert looks_of(sync.server, number) == after_sync[number], number
+    assert looks_of(sync.server, base)[0] is False              # the created account is open again
+
+
+def test_allow_older_plan_without_a_plan_is_a_usage_error(sync):
+    sync.student(7070)
+
+    result = sync.run("--all", "--allow-older-plan")
+
+    assert result.code == 2, result.output
+    assert "--apply-plan" in result.output
+    assert sync.writes() == []
