@@ -3191,7 +3191,16 @@ Reconcile = Callable[[Change, Account], tuple[Change | None, tuple[Notice, ...]]
 # Google's answer to an assign when every licence of the SKU is taken ("There aren't enough
 # available licenses for the specified product-SKU pair"), in the words it has used.
 _OUT_OF_SEATS = re.compile(r"enough\s+(available\s+)?licen[cs]es|no\s+(more\s+)?(available\s+)?licen[cs]es"
-                           r"|out\s+of\s+(seats|licen[cs]es)|seats?\b", re.IGNORECASE)
+                           r"|insufficient\s+(number\s+of\s+)?licen[cs]es|out\s+of\s+(seats|licen[cs]es)"
+                           r"|licen[cs]es?\s+(limit|quota|count)\s+(is\s+|has\s+been\s+)?(reached|exceeded)"
+                           r"|seats?\b", re.IGNORECASE)
+# An assign answered that the account holds the licence already (409 duplicate, or in words).
+_ALREADY_HELD = re.compile(r"already\s+(has|have|holds?|assigned|exists)|duplicate", re.IGNORECASE)
+_OTHER_SKU = re.compile(r"another|different|other\s+sku", re.IGNORECASE)
+# A release answered that the account holds no such licence (404, or in words).
+_NOT_HELD = re.compile(r"(does\s+not|doesn't)\s+have\s+(a|the|this|any)\s+licen[cs]e", re.IGNORECASE)
+# A licence call for an account the Licensing API does not know yet (just created).
+_UNKNOWN_USER = re.compile(r"not\s+(been\s+)?found|does\s+not\s+exist|not\s+yet|provision", re.IGNORECASE)
 
 
 class Applier:
@@ -3412,9 +3421,10 @@ class Applier:
             self.client.call(delete)
         except _http_error_class() as exc:
             status, _, message = _http_error_parts(exc)
-            if status == 404 and delete.answer_lost:  # our own earlier try released it
+            gone = status == 404 or (400 <= status < 500 and bool(_NOT_HELD.search(message)))
+            if gone and delete.answer_lost:  # our own earlier try released it
                 return Outcome(change, Status.APPLIED, note="released (the first answer was lost)")
-            if status == 404:  # the licence is gone already: what the release wanted
+            if gone:  # the licence is gone already: what the release wanted
                 return Outcome(change, Status.APPLIED, note="the licence was gone already", made=())
             if status == 412 and "auto" in message.lower():
                 return Outcome(change, Status.FAILED, (
@@ -3436,14 +3446,18 @@ class Applier:
                 return Outcome(change, Status.APPLIED)
             except _http_error_class() as exc:
                 status, _, message = _http_error_parts(exc)
-                if status == 409 and insert.answer_lost:  # our own earlier try assigned it
+                said = " ".join([message, *_error_reasons(exc)])
+                held = status == 409 or (400 <= status < 500 and bool(_ALREADY_HELD.search(said))
+                                         and not _OTHER_SKU.search(said))
+                if held and insert.answer_lost:  # our own earlier try assigned it
                     return Outcome(change, Status.APPLIED, note="assigned (the first answer was lost)")
-                if status == 409:  # held already: what the assign wanted
+                if held:  # held already: what the assign wanted
                     return Outcome(change, Status.APPLIED, note="the account held the licence already", made=())
                 if 400 <= status < 500 and _OUT_OF_SEATS.search(message):
                     self.seats_gone = self.seats_gone or describe_http_error(exc)
                     return self._seatless(Outcome(change, Status.FAILED, f"not assigned: no licences {sku} left"))
-                if status != 404 or wait is None:
+                unknown = status == 404 or (400 <= status < 500 and bool(_UNKNOWN_USER.search(message)))
+                if not unknown or wait is None:
                     raise
                 self.client.policy.sleep(wait)
         raise AssertionError("unreachable")

@@ -903,3 +903,77 @@ def test_refused_scopes_at_refresh_are_exit_2_asking_for_authorize(sync, token_e
     assert result.code == 2, result.output
     assert "--authorize" in result.output and SCOPE in result.output
     assert sync.writes() == []
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. Google's other wordings (an emulator or a later API version may answer so)
+# ---------------------------------------------------------------------------------------------
+
+
+def answer_instead(sync, monkeypatch, method: str, status: int, reason: str, message: str,
+                   times: int = 1000) -> None:
+    """The first `times` licence calls of `method` are answered with this error, unexecuted."""
+    from testkit.directory_server import ApiError, _error_response
+
+    licensing = sync.server.licensing
+    original = licensing.execute
+    left = {"n": times}
+
+    def execute(verb, path, query, body):
+        if verb == method and left["n"] > 0:
+            left["n"] -= 1
+            return _error_response(ApiError(status, reason, message))
+        return original(verb, path, query, body)
+
+    monkeypatch.setattr(licensing, "execute", execute)
+
+
+def test_assign_answered_already_held_in_words_counts_as_done(sync, monkeypatch):
+    with_licences(sync, assign=True)
+    sync.student(900)
+    sync.account(900)
+    answer_instead(sync, monkeypatch, "POST", 412, "conditionNotMet",
+                   "User already has a license for the specified product and SKU")
+
+    result = sync.run("--all")
+
+    assert result.code == 0, result.output
+
+
+def test_assign_answered_another_sku_held_fails_the_student(sync, monkeypatch):
+    with_licences(sync, assign=True)
+    sync.student(905)
+    sync.account(905)
+    answer_instead(sync, monkeypatch, "POST", 412, "conditionNotMet",
+                   "User already has a license for another sku of this product")
+
+    result = sync.run("--all")
+
+    assert result.code == 1, result.output
+    assert "another sku" in result.output
+
+
+def test_out_of_seats_in_other_words_stops_assigning(sync, monkeypatch):
+    with_licences(sync, assign=True)
+    for number in (910, 911, 912):
+        sync.student(number)
+        sync.account(number)
+    answer_instead(sync, monkeypatch, "POST", 400, "invalid", "Insufficient licenses for the product-SKU pair")
+
+    result = sync.run("--all")
+
+    assert result.code == 1, result.output
+    assert [line for line in result.output.splitlines() if "3 assigns were not made" in line]
+    assert len(licence_calls(sync, "POST")) < 3 or all(r.status == 400 for r in licence_calls(sync, "POST"))
+
+
+def test_a_new_account_unknown_for_a_moment_is_assigned_on_a_later_try(sync, monkeypatch):
+    with_licences(sync, assign=True)
+    sync.student(920, "Nia", "Park")
+    answer_instead(sync, monkeypatch, "POST", 412, "conditionNotMet", "User not found", times=2)
+
+    result = sync.run("--all")
+
+    assert result.code == 0, result.output
+    assert holds(sync, 920)
+    assert [r.status for r in licence_calls(sync, "POST")] == [412, 412, 200]
