@@ -1600,6 +1600,15 @@ def open_powerschool_api(settings: Settings) -> PowerSchoolApi:
         raise
 
 
+def _api_flag(value: Any) -> bool:
+    """A 0/1 column (STATE_EXCLUDEFROMREPORTING): 1, "1", or a JSON true; NULL is 0."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() == "true":
+        return True
+    return _as_int(value) == 1
+
+
 def read_api_schools(api: PowerSchoolApi) -> dict[int, School]:
     """All SCHOOLS rows keyed by school number, as read_schools gives them."""
     schools = {}
@@ -1610,7 +1619,7 @@ def read_api_schools(api: PowerSchoolApi) -> dict[int, School]:
             continue
         schools[number] = School(number=number, name=_clean_spaces(row.get("name")),
                                  abbreviation=_clean_spaces(row.get("abbreviation")),
-                                 state_excluded=_as_int(row.get("state_excludefromreporting")) == 1)
+                                 state_excluded=_api_flag(row.get("state_excludefromreporting")))
     return schools
 
 

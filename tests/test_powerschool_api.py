@@ -236,13 +236,17 @@ def test_a_lenient_reading_of_other_answer_shapes(sync, api, monkeypatch):
     def other_shape(self, table, columns, row):
         record = original(self, table, columns, row)
         values = {k: (int(v) if v.lstrip("-").isdigit() else v) for k, v in record["tables"][table].items()}
+        if "state_excludefromreporting" in values:  # a JSON boolean for the 0/1 column
+            values["state_excludefromreporting"] = values["state_excludefromreporting"] == 1
         return {"id": str(record["id"]), "name": table.upper(), "tables": {table.upper(): values}}
 
     numbers = students(sync, 7)
+    sync.student(43000, school=901, grade=-1)  # at a school excluded from state reporting
     monkeypatch.setattr(_Tables, "record", other_shape)
-    result = sync.run("--all")
+    result = sync.run("--state-reporting")
     assert result.code == 0, result.output
     assert all(sync.server.user(email(n)) for n in numbers)
+    assert sync.server.user(email(43000)) is None
 
 
 # --------------------------------------------------------------------------------------------
