@@ -5375,7 +5375,8 @@ def _state_file_checks(run: Run) -> Iterator[tuple[bool | None, str]]:
     if refused:
         yield False, cannot_write("in the logs folder", run.logs, refused)
         return
-    files = [("the run lock", run.lock_path, False), ("the school counts", run.counts_path, False)]
+    files = [("the run lock", run.lock_path, False), ("the school counts", run.counts_path, False),
+             ("the record of applied runs", run.applied_path, False)]
     if run.settings.google.auth == "oauth":
         files.append(("the token file", run.settings.google.token_file, True))
     passed = True
