@@ -3227,6 +3227,7 @@ class Applier:
         self.creates, self.reconcile, self.workers = creates, reconcile, workers
         self.halt = halt if halt is not None else Halt()
         self._failed_in_a_row = 0
+        self._outage_lock = threading.Lock()
         # Google's word that no licences of the SKU are left; then the assigns not made.
         self.seats_gone: str | None = None
         self.seatless: list[Outcome] = []
@@ -3270,7 +3271,9 @@ class Applier:
         def work() -> None:
             try:
                 while (item := next_change()) is not None:
-                    arrived.put((item[0], self.apply_one(item[1])))
+                    outcome = self.apply_one(item[1])
+                    self._watch_for_outage(outcome)  # here, before this worker takes another
+                    arrived.put((item[0], outcome))
             finally:
                 arrived.put(None)  # this worker is done
 
@@ -3288,7 +3291,6 @@ class Applier:
                     done += 1
                     continue
                 outcomes[item[0]] = item[1]
-                self._watch_for_outage(item[1])
                 if progress:
                     progress(item[1])
         for future in running:
@@ -3297,9 +3299,12 @@ class Applier:
                 for outcome, change in zip(outcomes, changes)]
 
     def _watch_for_outage(self, outcome: Outcome) -> None:
-        if outcome.ok:
-            self._failed_in_a_row = 0
-        elif outcome.failed:
+        with self._outage_lock:
+            if outcome.ok:
+                self._failed_in_a_row = 0
+                return
+            if not outcome.failed:
+                return
             self._failed_in_a_row += 1
             if self._failed_in_a_row >= MAX_CONSECUTIVE_FAILURES:
                 self.halt.stop(StopReason.OUTAGE, f"{self._failed_in_a_row} changes in a row failed, none "
