@@ -5088,7 +5088,8 @@ def run_apply_plan(run: Run) -> int:
         log.warning("plan %s is older than run %s (--allow-older-plan): its figures will not become the "
                     "source-sanity baseline", args.apply_plan, applied.last_run_id)
     changes, stale = _students_now(run, document, changes)
-    client, directory = _read_whole_directory(run)
+    # Who holds the licence is read only when the plan has licence changes to weigh.
+    client, directory = _read_whole_directory(run, with_licences=any(c.action == Action.LICENSE for c in changes))
     current = []
     creating = {_key(c.email) for c in changes if c.action == Action.CREATE}
     for change in changes:
@@ -5193,7 +5194,8 @@ def run_undo(run: Run) -> int:
                  before.get("run_id"), before.get("time"))
         return _finish(run, [], [], 0, args.dry_run)
     log.info("undo of run %s: %d journal entries", args.undo, len(entries))
-    client, directory = _read_whole_directory(run)
+    client, directory = _read_whole_directory(
+        run, with_licences=any(entry.get("action") == Action.LICENSE for entry in entries))
     changes, notices = undo_changes(entries, directory)
     for notice in notices:
         _log_notice(notice)

@@ -977,3 +977,21 @@ def test_a_new_account_unknown_for_a_moment_is_assigned_on_a_later_try(sync, mon
     assert result.code == 0, result.output
     assert holds(sync, 920)
     assert [r.status for r in licence_calls(sync, "POST")] == [412, 412, 200]
+
+
+def test_a_plan_or_journal_without_licence_changes_reads_no_licences(sync, tmp_path):
+    with_licences(sync)
+    withdrawn(sync, 930)
+    plan_path = tmp_path / "plan.json"
+    assert sync.run("--all", "--dry-run", "--plan-out", str(plan_path)).code == 0
+    sync.server.clear_requests()
+
+    result = sync.run("--apply-plan", str(plan_path))
+
+    assert result.code == 0, result.output
+    assert sync.server.user(email(930))["suspended"] is True
+    assert licence_calls(sync) == []
+    sync.server.clear_requests()
+
+    assert sync.run("--undo", run_id_of(result)).code == 0
+    assert licence_calls(sync) == []
