@@ -3646,7 +3646,8 @@ def change_problem(entry: Any, settings: Settings, *, restoring: bool = False) -
         return "a suspend change must suspend or move"
     if not isinstance(before, Mapping) or not isinstance(after, Mapping):
         return "before and after must be objects"
-    if entry.get("remove_groups", False) not in (False, True) or (entry.get("remove_groups") and action != "suspend"):
+    remove_groups = entry.get("remove_groups", False)
+    if type(remove_groups) is not bool or (remove_groups and action != "suspend"):
         return "remove_groups belongs to a suspension only"
     if action == "create":
         return _create_problem(address, labels, before, after, settings)
