@@ -19,6 +19,7 @@ from conftest import WHS_9, email
 import student_sync
 from testkit import district
 from testkit.directory_server import FaultPlan
+from test_operator import smtp  # noqa: F401 - a fixture
 from test_safety import token_endpoint  # noqa: F401 - a fixture
 
 PRODUCT, PLUS, STANDARD = "101031", "1010310008", "1010310005"
@@ -995,3 +996,25 @@ def test_a_plan_or_journal_without_licence_changes_reads_no_licences(sync, tmp_p
 
     assert sync.run("--undo", run_id_of(result)).code == 0
     assert licence_calls(sync) == []
+
+
+def test_the_email_names_licence_changes_and_the_seats_that_ran_out(sync, smtp):
+    from test_operator import email_settings
+
+    settings = email_settings(smtp.port)   # when = "problems"
+    settings["licenses"] = {"product_id": PRODUCT, "sku_id": PLUS, "assign": True}
+    sync.settings(settings)
+    withdrawn(sync, 940)
+    give(sync, 940)
+    for number in (941, 942, 943):
+        sync.student(number)
+        sync.account(number)
+    sync.server.licensing.seats[PLUS] = 1
+
+    result = sync.run("--all")
+
+    assert result.code == 1, result.output
+    assert len(smtp.messages) == 1
+    body = smtp.bodies()[0]
+    assert "1 license assigns, 1 license releases" in body
+    assert "2 assigns were not made" in body and PLUS in body
