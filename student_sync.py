@@ -551,8 +551,8 @@ _SETTINGS_KEYS: dict[str, dict[str, tuple[str, Any]]] = {
         "when": ("str", "problems"),
     },
     "licenses": {
-        "product_id": ("str", _REQUIRED),
-        "sku_id": ("str", _REQUIRED),
+        "product_id": ("str", "101031"),       # Google Workspace for Education
+        "sku_id": ("str", "1010310008"),       # Education Plus (Student)
         "assign": ("bool", False),
         "release_graduated": ("bool", True),
         "release_suspended": ("bool", True),
@@ -774,6 +774,14 @@ def _local_path(name: str | None, base: Path) -> Path | None:
 _SOURCES = ("oracle", "api", "sqlite")
 
 
+def _variable_name(section: str, key: str, name: str | None) -> None:
+    """An `*_env` key names an environment variable: an empty name is an error (a run would
+    otherwise say "is not set ... --store-secret " with no name to set)."""
+    if name is not None and not name.strip():
+        raise SettingsError(f"settings: [{section}] {key} must name an environment variable "
+                            "(the variable's name, not the secret)")
+
+
 def _powerschool_settings(ps: Mapping[str, Any], base: Path) -> PowerSchoolSettings:
     """[powerschool]: the source (SPEC 5 and 9) and the keys it needs.  A given `sqlite` path
     implies source = "sqlite" unless a source is named."""
@@ -781,6 +789,15 @@ def _powerschool_settings(ps: Mapping[str, Any], base: Path) -> PowerSchoolSetti
     source = ps["source"] if ps["source"] is not None else ("sqlite" if sqlite_path else "oracle")
     if source not in _SOURCES:
         raise SettingsError(f'settings: [powerschool] source: "{source}" must be "oracle", "api" or "sqlite"')
+    # A key of another source is a contradiction, never silently ignored: an uncommented
+    # `sqlite = ...` under `source = "oracle"` would otherwise go on reading Oracle.
+    for key, used_by in (("sqlite", "sqlite"), ("url", "api")):
+        if ps[key] is not None and source != used_by:
+            chosen = f'source = "{source}"' if ps["source"] is not None else f'source (default "{source}")'
+            raise SettingsError(
+                f'settings: [powerschool] {key} is not used with [powerschool] {chosen}: set '
+                f'source = "{used_by}" to read {"that SQLite copy" if key == "sqlite" else "that server"}, '
+                f"or remove {key}")
     if source == "sqlite" and sqlite_path is None:
         raise SettingsError('settings: [powerschool] sqlite is missing (needed with source = "sqlite")')
     url = ps["url"]
@@ -795,11 +812,10 @@ def _powerschool_settings(ps: Mapping[str, Any], base: Path) -> PowerSchoolSetti
         if parts.scheme == "http" and not _is_loopback(parts.hostname):
             raise SettingsError(f'settings: [powerschool] url: "{url}" would carry the plugin\'s client secret '
                                 "and tokens unencrypted: use https://")
-    for key in ("client_id_env", "client_secret_env"):
-        if not ps[key].strip():
-            raise SettingsError(f"settings: [powerschool] {key} must name an environment variable")
+    for key in ("user_env", "password_env", "dsn_env", "client_id_env", "client_secret_env"):
+        _variable_name("powerschool", key, ps[key])
     return PowerSchoolSettings(
-        user_env=ps["user_env"], password_env=ps["password_env"], dsn_env=ps["dsn_env"],
+        user_env=ps["user_env"].strip(), password_env=ps["password_env"].strip(), dsn_env=ps["dsn_env"].strip(),
         sqlite=sqlite_path, connect_timeout=ps["connect_timeout"], source=source, url=url,
         client_id_env=ps["client_id_env"].strip(), client_secret_env=ps["client_secret_env"].strip(),
         max_requests_per_second=ps["max_requests_per_second"],
@@ -860,8 +876,9 @@ def _api_endpoint(endpoint: str | None, auth: str) -> str | None:
 
 
 def _account_settings(ac: Mapping[str, Any]) -> AccountSettings:
+    _variable_name("accounts", "new_password_env", ac["new_password_env"])
     return AccountSettings(
-        new_password_env=ac["new_password_env"],
+        new_password_env=ac["new_password_env"].strip(),
         change_password_at_next_login=ac["change_password_at_next_login"],
         graduated_school_name=ac["graduated_school_name"].strip(),
         graduated_active_summer=ac["graduated_active_summer"],
@@ -911,9 +928,12 @@ def _email_settings(em: Mapping[str, Any]) -> EmailSettings:
         raise SettingsError(f'settings: [email] when: "{em["when"]}" must be "problems" or "always"')
     if not em["to"]:
         raise SettingsError("settings: [email] to must name at least one address")
+    for key in ("user_env", "password_env"):
+        _variable_name("email", key, em[key])
     return EmailSettings(
-        smtp_host=em["smtp_host"], smtp_port=em["smtp_port"], sender=em["from"],
-        to=tuple(em["to"]), user_env=em["user_env"], password_env=em["password_env"],
+        smtp_host=em["smtp_host"], smtp_port=em["smtp_port"], sender=em["from"], to=tuple(em["to"]),
+        user_env=em["user_env"].strip() if em["user_env"] else None,
+        password_env=em["password_env"].strip() if em["password_env"] else None,
         when=em["when"],
     )
 

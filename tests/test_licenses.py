@@ -701,8 +701,8 @@ def test_check_without_licenses_says_nothing_about_licences(sync):
 
 
 @pytest.mark.parametrize("keys, named", [
-    ({"product_id": PRODUCT}, "sku_id"),
-    ({"sku_id": PLUS}, "product_id"),
+    ({"product_id": PRODUCT, "sku_id": "1010310008 plus"}, "sku_id"),   # both default (SPEC 5); wrong ones are errors
+    ({"product_id": "", "sku_id": PLUS}, "product_id"),
     ({"product_id": PRODUCT, "sku_id": PLUS, "assign": "yes"}, "assign"),
     ({"product_id": PRODUCT, "sku_id": PLUS, "max_releases": -1}, "max_releases"),
     ({"product_id": PRODUCT, "sku_id": PLUS, "customer_id": "d118.org!"}, "customer_id"),

@@ -77,3 +77,54 @@ def test_a_missing_settings_file_says_what_to_do(tmp_path):
 def test_relative_paths_are_beside_the_settings_file():
     settings = load({"powerschool": {"sqlite": "copy.sqlite3"}})
     assert settings.powerschool.sqlite == Path(ROOT / "copy.sqlite3")
+
+
+def test_licenses_keys_default_to_the_values_the_spec_shows():
+    """SPEC 5: a key not listed as required defaults to the value shown; SPEC 8 shows
+    product_id = "101031" and sku_id = "1010310008" (Education Plus, Student)."""
+    settings = load({"licenses": {"assign": True}})
+    assert (settings.licenses.product_id, settings.licenses.sku_id) == ("101031", "1010310008")
+
+
+def test_uncommenting_the_example_sqlite_line_reads_that_sqlite_copy():
+    """The example file leaves `source` to its default, so that the `# sqlite = ...` line it
+    shows, once uncommented, is what the run reads (SPEC 9: sqlite = "path" implies it)."""
+    text = (ROOT / "student_sync.example.toml").read_text(encoding="utf-8")
+    assert "\n# sqlite = " in text
+    raw = student_sync.tomllib.loads(text.replace("\n# sqlite = ", "\nsqlite = ", 1))
+    settings = student_sync.settings_from_dict(raw, ROOT / "student_sync.toml")
+    assert settings.powerschool.source == "sqlite" and settings.powerschool.sqlite is not None
+
+
+@pytest.mark.parametrize("source, key, value", [
+    ("oracle", "sqlite", "copy.sqlite3"),
+    ("api", "sqlite", "copy.sqlite3"),
+    ("oracle", "url", "https://ps.d118.org"),
+    ("sqlite", "url", "https://ps.d118.org"),
+])
+def test_a_source_key_that_the_chosen_source_does_not_use_is_an_error_naming_both(source, key, value):
+    """A sqlite path under source = "oracle" was silently ignored (and the run read Oracle):
+    contradictory keys are a settings error naming both, never a silent choice."""
+    changes = {"source": source, key: value}
+    if source == "api":
+        changes["url"] = "https://ps.d118.org"
+    remove = () if key == "sqlite" or source == "sqlite" else (("powerschool", "sqlite"),)
+    with pytest.raises(student_sync.SettingsError) as raised:
+        load({"powerschool": changes}, remove)
+    assert "[powerschool] source" in str(raised.value) and f"[powerschool] {key}" in str(raised.value)
+    assert raised.value.exit_code == 2
+
+
+@pytest.mark.parametrize("section, key", [
+    ("powerschool", "user_env"), ("powerschool", "password_env"), ("powerschool", "dsn_env"),
+    ("powerschool", "client_id_env"), ("accounts", "new_password_env"),
+    ("email", "user_env"), ("email", "password_env"),
+])
+def test_an_empty_variable_name_is_a_settings_error_naming_the_key(section, key):
+    """Every *_env key names an environment variable: an empty name would make a run say
+    "(the new-account password) is not set ... --store-secret " with no name in it."""
+    changes = {section: {key: "  "}}
+    if section == "email":
+        changes["email"].update({"smtp_host": "mail", "from": "a@d118.org", "to": ["t@d118.org"]})
+    with pytest.raises(student_sync.SettingsError, match=rf"\[{section}\] {key}"):
+        load(changes)
