@@ -3319,6 +3319,8 @@ class Applier:
                 for outcome, change in zip(outcomes, changes)]
 
     def _watch_for_outage(self, outcome: Outcome) -> None:
+        if any(outcome is seatless for seatless in self.seatless):
+            return  # Google said no licences are left: one answer, not an outage
         with self._outage_lock:
             if outcome.ok:
                 self._failed_in_a_row = 0

@@ -1018,3 +1018,21 @@ def test_the_email_names_licence_changes_and_the_seats_that_ran_out(sync, smtp):
     body = smtp.bodies()[0]
     assert "1 license assigns, 1 license releases" in body
     assert "2 assigns were not made" in body and PLUS in body
+
+
+def test_many_assigns_out_of_seats_are_one_error_not_an_outage(sync):
+    with_licences(sync, assign=True)
+    waiting = list(range(950, 990))
+    for number in waiting:
+        sync.student(number)
+        sync.account(number)
+    sync.server.licensing.seats[PLUS] = 0
+
+    result = sync.run("--all", "--report", str(sync.folder / "r.csv"))
+
+    assert result.code == 1, result.output
+    assert "outage" not in result.output.lower()
+    assert [line for line in result.output.splitlines() if f"{len(waiting)} assigns were not made" in line]
+    failed = [r for r in report_rows(sync.folder / "r.csv") if r["result"].startswith("failed")]
+    assert len(failed) == len(waiting)
+    assert len(licence_calls(sync, "POST")) < len(waiting)
