@@ -2867,13 +2867,51 @@ def licence_change(decision: Decision, account: Account | None, change: Change |
         holds = False
     else:
         holds = _key(account.email) in licensed
-    if holds and ((decision.graduated and lic.release_graduated)
-                  or (not decision.should_be_active and lic.release_suspended)):
+    if holds and _releases(decision, lic):
         return Change(decision.student_number, decision.email if account is None else account.email,
                       Action.LICENSE, (RELEASE_LICENSE,), sku, None)
-    if not holds and lic.assign and decision.should_be_active and not decision.graduated:
+    if not holds and _assigns(decision, lic):
         return Change(decision.student_number, decision.email if account is None else account.email,
                       Action.LICENSE, (ASSIGN_LICENSE,), None, sku)
+    return None
+
+
+def _releases(decision: Decision, lic: LicenseSettings) -> bool:
+    """SPEC 8's release rule, for an account that holds the licence."""
+    return (decision.graduated and lic.release_graduated) or (not decision.should_be_active and lic.release_suspended)
+
+
+def _assigns(decision: Decision, lic: LicenseSettings) -> bool:
+    """SPEC 8's assign rule, for an account that lacks the licence."""
+    return lic.assign and decision.should_be_active and not decision.graduated
+
+
+def stale_reason(change: Change, decision: Decision | None, settings: Settings) -> str | None:
+    """Why today's decision no longer wants a reviewed plan's change; None when it does.
+
+    A plan is never the authority on a student (SPEC 7): its change goes out only while
+    PowerSchool as it is now calls for that kind of change -- an unsuspend, a move or a
+    create for a student who should be active (no create for a graduate), a suspension for
+    one who should not, a licence change by the rules of SPEC 8.
+    """
+    if decision is None:
+        return "not a student in PowerSchool now (or bad data): skipped"
+    lic = settings.licenses
+    if change.action == Action.LICENSE and RELEASE_LICENSE in change.labels:
+        if lic is not None and _releases(decision, lic):
+            return None
+        return "PowerSchool now says the student keeps the licence: not released"
+    if change.action == Action.LICENSE:
+        if lic is not None and _assigns(decision, lic):
+            return None
+        return "PowerSchool now says the student should not get the licence: not assigned"
+    if change.action == Action.SUSPEND:
+        return "PowerSchool now says the student should be active: not suspended" if decision.should_be_active else None
+    if change.action == Action.CREATE and decision.graduated:
+        return "PowerSchool now says the student has graduated (no account is created for a graduate): not created"
+    if not decision.should_be_active:
+        done = "created" if change.action == Action.CREATE else "changed (" + "+".join(change.labels) + ")"
+        return f"PowerSchool now says the student should be suspended: not {done}"
     return None
 
 
@@ -4082,32 +4120,42 @@ class AppliedRuns:
     def last_run_id(self) -> str | None:
         return self.last["run_id"] if self.last else None
 
-    def applied(self, run_id: str, kind: str, *, plan: str | None = None, undone: str | None = None) -> None:
-        """Record a run that applied changes (and the plan it applied, or the run it undid);
-        OSError when the file cannot be written."""
+    def applied(self, run_id: str, kind: str, *, plan: str | None = None, undone: str | None = None,
+                finished: bool = True) -> None:
+        """Record a run that applied changes (and the plan it applied, or the run it undid,
+        as done once `finished`); OSError when the file cannot be written."""
         stamp = {"run_id": run_id, "kind": kind, "time": dt.datetime.now().isoformat(timespec="seconds")}
-        self.last = stamp
-        if plan:
+        # A plan that a stopped run left half done is not older than that run: it may be
+        # applied again to finish it.
+        self.last = {**stamp, "plan": plan} if plan else stamp
+        if plan and finished:
             self.plans[plan] = stamp
-        if undone:
+        if undone and finished:
             self.undone[undone] = stamp
         document = {"last_applied": self.last, "applied_plans": dict(list(self.plans.items())[-self.KEEP:]),
                     "undone_runs": dict(list(self.undone.items())[-self.KEEP:])}
         write_atomically(self.path, json.dumps(document, indent=1) + "\n")
 
-    def plan_is_older(self, document: Mapping[str, Any]) -> bool:
-        """Was this plan written before the last run that applied changes?"""
-        if self.last is None:
+    def plan_is_older(self, document: Mapping[str, Any], digest: str) -> bool:
+        """Was this plan written before the last run that applied changes?  A plan that
+        does not name that run as the last one it knew of is older, whatever its dates say;
+        only a stopped run of this same plan leaves it the newest word."""
+        if self.last is None or self.last.get("plan") == digest:
             return False
-        if "last_applied_run" in document:
-            return document["last_applied_run"] != self.last["run_id"]
-        created = document.get("created")  # a plan from before this record: compare the times
-        return not isinstance(created, str) or created < str(self.last.get("time", ""))
+        return document.get("last_applied_run") != self.last["run_id"]
+
+    @staticmethod
+    def when(stamp: Mapping[str, Any]) -> str:
+        """A stamp's time for people: 2026-11-30 at 02:00:03."""
+        return str(stamp.get("time", "an unknown date")).replace("T", " at ", 1)
 
 
-def plan_digest(entries: Sequence[Any]) -> str:
-    """The identity of a plan: its changes, whatever file they are in."""
-    text = json.dumps(list(entries), sort_keys=True, ensure_ascii=True)
+def plan_digest(document: Mapping[str, Any]) -> str:
+    """The identity of a plan: the run that wrote it, when, and its changes, whatever file
+    they are in -- a new plan whose changes equal an old one's is another plan."""
+    identity = {"run_id": document.get("run_id"), "created": document.get("created"),
+                "changes": document.get("changes")}
+    text = json.dumps(identity, sort_keys=True, ensure_ascii=True)
     return "sha256:" + hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
@@ -4973,11 +5021,14 @@ def _save_counts(run: Run, counts: Mapping[int, int]) -> str | None:
 def _record_applied(run: Run, applied: AppliedRuns, kind: str, outcomes: Sequence[Outcome], *,
                     plan: str | None = None, undone: str | None = None) -> str | None:
     """Note a run that sent changes (any reviewed plan written before it is now an older
-    plan); what went wrong, when the record could not be written."""
+    plan), and the plan or undo as done when the run finished every change of it; what
+    went wrong, when the record could not be written."""
     if not outcomes and not plan and not undone:
         return None
+    # A stopped or failed plan or undo is not done: running it again finishes it.
+    finished = not run.halt and not any(o.failed or o.status == Status.NOT_TRIED for o in outcomes)
     try:
-        applied.applied(run.run_id, kind, plan=plan, undone=undone)
+        applied.applied(run.run_id, kind, plan=plan, undone=undone, finished=finished)
     except OSError as exc:
         return ("the changes were applied, but " + cannot_write("the record of applied runs", applied.path, exc)
                 + "; a plan written before this run would not be recognised as older")
@@ -5089,17 +5140,18 @@ def run_apply_plan(run: Run) -> int:
     plan's scope in PowerSchool and the account still holds the planned 'now'."""
     args, settings = run.args, run.settings
     document, changes = read_plan_file(args.apply_plan, settings)
-    log.info("plan %s: %d changes, made %s for %s", args.apply_plan, len(changes),
-             document.get("created"), (document.get("scope") or {}).get("kind"))
+    scope = document.get("scope")
+    log.info("plan %s: %d changes, made %s for %s", args.apply_plan, len(changes), document.get("created"),
+             scope.get("kind") if isinstance(scope, dict) else "(no scope)")
     applied = AppliedRuns(run.applied_path)
-    digest = plan_digest(document["changes"])
+    digest = plan_digest(document)
     before = applied.plans.get(digest)
     if before:
-        log.info("plan %s was already applied by run %s (%s): nothing to do; for what changed since, "
-                 "make a new plan with --dry-run --plan-out FILE", args.apply_plan, before.get("run_id"),
-                 before.get("time"))
-        return _finish(run, [], [], 0, args.dry_run)
-    older = applied.plan_is_older(document)
+        log.info("nothing to do: plan %s was already applied on %s (run %s); for what changed since, "
+                 "make a new plan with --dry-run --plan-out FILE", args.apply_plan, applied.when(before),
+                 before.get("run_id"))
+        return EXIT_OK
+    older = applied.plan_is_older(document, digest)
     if older and not args.allow_older_plan:
         raise StopRun(
             f"plan file {args.apply_plan} was written before run {applied.last_run_id} applied changes "
@@ -5110,21 +5162,10 @@ def run_apply_plan(run: Run) -> int:
     if older:
         log.warning("plan %s is older than run %s (--allow-older-plan): its figures will not become the "
                     "source-sanity baseline", args.apply_plan, applied.last_run_id)
-    changes, stale = _students_now(run, document, changes)
+    decisions = _decisions_now(run, changes) if changes else {}
     # Who holds the licence is read only when the plan has licence changes to weigh.
     client, directory = _read_whole_directory(run, with_licences=any(c.action == Action.LICENSE for c in changes))
-    current = []
-    creating = {_key(c.email) for c in changes if c.action == Action.CREATE}
-    for change in changes:
-        account = directory.accounts.get(change.email.lower())
-        if change.action == Action.LICENSE:
-            still_current = _licence_still_current(change, account, directory, creating)
-        else:
-            still_current = account is None if change.action == Action.CREATE else holds_values(account, change.before)
-        if still_current:
-            current.append(change)
-        else:
-            stale.append(Outcome(change, Status.STALE, "the account changed since the plan was made; skipped"))
+    current, stale = _current_changes(changes, decisions, directory, settings)
     for outcome in stale:
         _log_outcome(outcome)
     dry_run = args.dry_run
@@ -5149,44 +5190,48 @@ def run_apply_plan(run: Run) -> int:
     return _stop_if(problem, _finish(run, [*outcomes, *stale], [], 0, dry_run))
 
 
-def _plan_scope(document: Mapping[str, Any], path: Path) -> Scope:
-    scope = document.get("scope")
-    try:
-        kind, schools = scope["kind"], scope["schools"]
-        if kind not in ("all", "state-reporting", "building") or not all(type(n) is int for n in schools):
-            raise ValueError(kind)
-        return Scope(kind, frozenset(schools))
-    except (KeyError, TypeError, ValueError):
-        raise StopRun(f"plan file {path} names no scope (kind and schools)") from None
+def _decisions_now(run: Run, changes: Sequence[Change]) -> Mapping[str, Decision]:
+    """Today's decision for every student a plan names, weighed district-wide.
 
-
-def _students_now(run: Run, document: Mapping[str, Any], changes: Sequence[Change]) -> tuple[list[Change], list[Outcome]]:
-    """The changes of a reviewed plan whose students PowerSchool, as it is now, still places
-    in the plan's scope with the same verdict, and the others as stale outcomes.
-
-    A plan is never the authority on who is a student: a change for a student no longer of
-    the scope, a suspension of a student who should be active again, or a create for one who
-    should not be, is skipped."""
-    if not changes:
-        return [], []
-    scope = _plan_scope(document, run.args.apply_plan)
+    The plan's own `scope` is not trusted: PowerSchool is read for the whole district and
+    each named student is weighed across all their rows, as a nightly run would."""
+    numbers = {change.student_number for change in changes}
     with _powerschool(run) as connection:
-        rows = _read_rows(connection, scope, _read_school_rows(connection))
-    decisions = decide_all(rows, run.settings, run.today(), scope).by_email
-    keep, stale = [], []
-    for change in changes:
-        decision = decisions.get(_key(change.email))
-        if decision is None:
-            reason = "not a student of the plan's scope in PowerSchool now (or bad data); skipped"
-        elif change.action == Action.SUSPEND and decision.should_be_active:
-            reason = "PowerSchool now says the student should be active: not suspended"
-        elif change.action == Action.CREATE and not decision.should_be_active:
-            reason = "PowerSchool now says the student should not be active: not created"
-        else:
-            keep.append(change)
+        schools = _read_school_rows(connection)
+        scope = resolve_scope("all", schools)
+        rows = [row for row in _read_rows(connection, scope, schools)
+                if as_student_number(row.student_number) in numbers]
+    return decide_all(rows, run.settings, run.today(), scope).by_email
+
+
+def _current_changes(changes: Sequence[Change], decisions: Mapping[str, Decision], directory: Directory,
+                     settings: Settings) -> tuple[list[Change], list[Outcome]]:
+    """The changes of a reviewed plan that today's decision still wants and whose account
+    still holds the planned "now", in the plan's order; the others as stale outcomes."""
+    reasons: dict[int, str | None] = {}
+    accounts = [directory.accounts.get(change.email.lower()) for change in changes]
+    for index, change in enumerate(changes):
+        if change.action == Action.LICENSE:
             continue
-        stale.append(Outcome(change, Status.STALE, reason))
-    return keep, stale
+        reason = stale_reason(change, decisions.get(_key(change.email)), settings)
+        if reason is None:
+            account = accounts[index]
+            current = account is None if change.action == Action.CREATE else holds_values(account, change.before)
+            reason = None if current else "the account changed since the plan was made; skipped"
+        reasons[index] = reason
+    # An assign to an account that the plan creates is current only while that create goes out.
+    creating = {_key(c.email) for i, c in enumerate(changes) if c.action == Action.CREATE and reasons[i] is None}
+    for index, change in enumerate(changes):
+        if change.action != Action.LICENSE:
+            continue
+        reason = stale_reason(change, decisions.get(_key(change.email)), settings)
+        if reason is None and not _licence_still_current(change, accounts[index], directory, creating):
+            reason = "the account's licence changed since the plan was made; skipped"
+        reasons[index] = reason
+    current = [change for index, change in enumerate(changes) if reasons[index] is None]
+    stale = [Outcome(change, Status.STALE, reasons[index]) for index, change in enumerate(changes)
+             if reasons[index] is not None]
+    return current, stale
 
 
 def _licence_still_current(change: Change, account: Account | None, directory: Directory,
@@ -5213,9 +5258,9 @@ def run_undo(run: Run) -> int:
     applied = AppliedRuns(run.applied_path)
     before = applied.undone.get(args.undo)
     if before:
-        log.info("run %s was already undone by run %s (%s): nothing to do", args.undo,
-                 before.get("run_id"), before.get("time"))
-        return _finish(run, [], [], 0, args.dry_run)
+        log.info("nothing to do: run %s was already undone on %s (run %s)", args.undo, applied.when(before),
+                 before.get("run_id"))
+        return EXIT_OK
     log.info("undo of run %s: %d journal entries", args.undo, len(entries))
     client, directory = _read_whole_directory(
         run, with_licences=any(entry.get("action") == Action.LICENSE for entry in entries))
