@@ -19,11 +19,14 @@ Scenarios:
               suspension, a third each (a suspension also lists the account's groups).
   updates     ``--updates`` (1,000) accounts need a move or a rename: the write rate.
   provision   first run: no account exists, every student is created.
+  mixed       ``--updates`` (1,000) accounts need a move, a rename or a create, a third each:
+              creates mixed in with updates, each create under both rate limits.
 
 Usage::
 
     python bench/bench_sync.py --students 2000 --latency-ms 20 --scenario no-change
     python bench/bench_sync.py --students 1000 --latency-ms 100 --scenario provision
+    python bench/bench_sync.py --students 2000 --latency-ms 20 --scenario mixed
     python bench/bench_sync.py --students 5000 --latency-ms 100 --scenario changed \
         --changed-share 0.2
 
@@ -68,7 +71,7 @@ from testkit.district import (  # noqa: E402
 TOOL = ROOT / "sync_all.py"   # what the nightly scheduled task runs
 MEASURE = Path(__file__).resolve().parent / "measure_child.py"
 BASELINE = Path(__file__).resolve().parent / "baseline_get_per_student.py"
-SCENARIOS = ("no-change", "changed", "updates", "provision")
+SCENARIOS = ("no-change", "changed", "updates", "provision", "mixed")
 SPEC_MAX_RPS = 35.0            # SPEC section 5 defaults
 SPEC_MAX_CREATES = 9.0
 GOOGLE_CREATES_PER_SECOND = 10
@@ -449,9 +452,10 @@ def run_scenario(scenario: str, args: argparse.Namespace, workdir: Path) -> Resu
     server = DirectoryServer(domain=DOMAIN, latency_ms=args.latency_ms)
     try:
         started = time.perf_counter()
-        share = {"changed": args.changed_share,
-                 "updates": min(1.0, args.updates / args.students)}.get(scenario, 0.0)
-        kinds = ("move", "rename") if scenario == "updates" else ("move", "rename", "suspend")
+        share = {"changed": args.changed_share, "updates": min(1.0, args.updates / args.students),
+                 "mixed": min(1.0, args.updates / args.students)}.get(scenario, 0.0)
+        kinds = {"updates": ("move", "rename"), "mixed": ("move", "rename", "create")}.get(
+            scenario, ("move", "rename", "suspend"))
         database = build_synthetic_district(folder, server, args.students, changed_share=share,
                                             provisioned=scenario != "provision", kinds=kinds)
         result.build_s = time.perf_counter() - started
@@ -619,7 +623,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeat", type=int, default=3,
                         help="no-change: time the run this many times and report the median (default 3)")
     parser.add_argument("--updates", type=int, default=1000,
-                        help="pending moves and renames in the updates scenario (default 1000)")
+                        help="pending changes in the updates and mixed scenarios (default 1000)")
     parser.add_argument("--changed-share", type=float, default=0.01,
                         help="share of accounts to change in the changed scenario (default 0.01)")
     parser.add_argument("--timeout", type=float, default=900,

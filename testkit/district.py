@@ -312,7 +312,8 @@ def build_synthetic_district(folder: Path, server: Any, students: int, *, change
     """`students` active students over SYNTHETIC_SCHOOLS schools, with accounts.
 
     `provisioned` False leaves every account to create; `changed_share` of the accounts
-    need a change, shared equally among `kinds` (move, rename, suspend).
+    need a change, shared equally among `kinds` (move, rename, suspend, or create: the
+    account is missing).
     """
     rng = random.Random(seed)
     abbreviations = [f"S{n:02d}" for n in range(1, SYNTHETIC_SCHOOLS + 1)]
@@ -341,8 +342,9 @@ def build_synthetic_district(folder: Path, server: Any, students: int, *, change
                     given = first + "x"
                 elif kind == "suspend":
                     status = 2
-                server.add_user(f"{number}{SUFFIX}", given=given, family=last, org_unit=org_unit,
-                                custom=attributes(school, class_of))
+                if kind != "create":
+                        server.add_user(f"{number}{SUFFIX}", given=given, family=last, org_unit=org_unit,
+                                    custom=attributes(school, class_of))
             rows.append((number, first, last, class_of, status, school, grade))
         ps.connection.executemany(
             "INSERT INTO STUDENTS (STUDENT_NUMBER, FIRST_NAME, LAST_NAME, CLASSOF, ENROLL_STATUS, "
