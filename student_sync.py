@@ -2330,6 +2330,9 @@ def _describe_licensing_error(exc: Exception, settings: Settings, customer: str 
         return (f"Google: the authorization lacks the licensing scope {LICENSING_SCOPE} that [licenses] "
                 f"needs ({said}): run 'python student_sync.py --authorize' again, or with a service "
                 "account add the scope to its domain-wide delegation (see README, Licences)")
+    if reasons & _RATE_REASONS or status == 429:
+        return (f"Google: the Licensing API's quota is used up ({said}): nothing was changed; the next "
+                "run tries again (its daily quota starts again at midnight, Pacific time)")
     if status in (401, 403):
         return (f"Google: licences of customer {customer} may not be read ({said}): check [licenses] "
                 "customer_id, and that the administrator may manage licences")

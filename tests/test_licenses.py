@@ -1036,3 +1036,18 @@ def test_many_assigns_out_of_seats_are_one_error_not_an_outage(sync):
     failed = [r for r in report_rows(sync.folder / "r.csv") if r["result"].startswith("failed")]
     assert len(failed) == len(waiting)
     assert len(licence_calls(sync, "POST")) < len(waiting)
+
+
+def test_the_licensing_daily_quota_used_up_is_exit_2_saying_so(sync, monkeypatch, no_backoff):
+    with_licences(sync)
+    withdrawn(sync, 995)
+    give(sync, 995)
+    answer_instead(sync, monkeypatch, "GET", 403, "rateLimitExceeded",
+                   "Quota exceeded for quota metric 'Queries' and limit 'Queries per day' of service "
+                   "'licensing.googleapis.com'")
+
+    result = sync.run("--all")
+
+    assert result.code == 2, result.output
+    assert "quota" in result.output.lower() and "customer_id" not in result.output
+    assert sync.writes() == []
