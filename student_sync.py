@@ -71,7 +71,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from urllib.parse import urlsplit
 
 
@@ -3663,8 +3663,9 @@ _CREATE_FIELDS = ("primaryEmail", "name", "changePasswordAtNextLogin", "orgUnitP
 def student_number_of(address: str, settings: Settings) -> int | None:
     """The student number whose address this is by rule "email" (digits, no leading zero,
     then `email_suffix`); None for any other address: staff, leading zeros, other domains."""
+    # ASCII first: str.lower() maps look-alikes onto ASCII (KELVIN SIGN U+212A -> "k").
     local, at, domain = address.partition("@")
-    if not at or ("@" + domain).lower() != settings.google.email_suffix.lower():
+    if not address.isascii() or not at or ("@" + domain).lower() != settings.google.email_suffix.lower():
         return None
     if not (local.isascii() and local.isdigit()) or local != str(int(local)) or int(local) <= 0:
         return None
@@ -3710,10 +3711,12 @@ def change_problem(entry: Any, settings: Settings, *, restoring: bool = False) -
     if not isinstance(before, Mapping) or not isinstance(after, Mapping):
         return "before and after must be objects"
     remove_groups = entry.get("remove_groups", False)
-    if type(remove_groups) is not bool or (remove_groups and action != "suspend"):
-        return "remove_groups belongs to a suspension only"
+    if type(remove_groups) is not bool or (remove_groups and (action != "suspend" or "suspend" not in labels)):
+        return "remove_groups belongs to a suspension that takes an active account to suspended only"
+    if remove_groups and not restoring and not settings.accounts.remove_groups_on_suspend:
+        return "remove_groups is true, but [accounts] remove_groups_on_suspend is off"
     if action == "create":
-        return _create_problem(address, labels, before, after, settings)
+        return _create_problem(address, labels, before, after, settings, restoring)
     return _update_problem(action, labels, before, after, settings, restoring)
 
 
@@ -3745,7 +3748,7 @@ def _unknown_fields(values: Mapping[str, Any], known: Iterable[str]) -> str | No
 
 
 def _create_problem(address: str, labels: list, before: Mapping, after: Mapping,
-                    settings: Settings) -> str | None:
+                    settings: Settings, restoring: bool) -> str | None:
     if before:
         return "a create has no before values"
     problem = _unknown_fields(after, _CREATE_FIELDS)
@@ -3754,8 +3757,16 @@ def _create_problem(address: str, labels: list, before: Mapping, after: Mapping,
     missing = [f for f in _CREATE_FIELDS if f not in after]
     if missing:
         return f"a create must send {', '.join(missing)}"
-    if not isinstance(after["primaryEmail"], str) or after["primaryEmail"].lower() != address.lower():
-        return f"primaryEmail {after['primaryEmail']!r} is not the change's address"
+    primary = after["primaryEmail"]
+    if not isinstance(primary, str) or not primary.isascii() or primary.lower() != address.lower():
+        return f"primaryEmail {primary!r} is not the change's address"
+    if type(after["changePasswordAtNextLogin"]) is not bool:
+        return "changePasswordAtNextLogin must be true or false"
+    if restoring:  # what the run created under the settings of its day: only its shape is checked
+        if not isinstance(after["orgUnitPath"], str) or not after["orgUnitPath"].startswith("/"):
+            return f"orgUnitPath {after['orgUnitPath']!r} is not an OU path"
+        return (_name_value_problem(after["name"], "after", check_rules=True)
+                or _attributes_problem(after["customSchemas"], "after", settings, restoring=True))
     if after["changePasswordAtNextLogin"] is not settings.accounts.change_password_at_next_login:
         return ("changePasswordAtNextLogin differs from [accounts] change_password_at_next_login = "
                 f"{str(settings.accounts.change_password_at_next_login).lower()}")
@@ -3797,13 +3808,22 @@ def _update_problem(action: str, labels: list, before: Mapping, after: Mapping,
         if problem:
             return problem
     if "customSchemas" in fields:
-        problem = (_attributes_problem(before["customSchemas"], "before", settings)
+        problem = (_attributes_problem(before["customSchemas"], "before", settings, restoring=restoring)
                    or _attributes_problem(after["customSchemas"], "after", settings, restoring=restoring))
         if problem:
             return problem
-        if set(next(iter(before["customSchemas"].values()))) != set(next(iter(after["customSchemas"].values()))):
+        if (set(before["customSchemas"]) != set(after["customSchemas"]) or set(next(iter(
+                before["customSchemas"].values()))) != set(next(iter(after["customSchemas"].values())))):
             return "before must hold the now value of every attribute it changes"
     return None
+
+
+def is_student_ou(path: str, settings: Settings) -> bool:
+    """Is this an OU the rules put a student in: under the student prefix, or the suspended
+    or graduated OU (case-insensitive, as Google compares OU paths)?"""
+    ous, lower = settings.ous, path.lower()
+    return ((lower + "/").startswith(ous.student_prefix.lower())
+            or lower in (ous.suspended.lower(), ous.graduated.lower()))
 
 
 def _target_ou_problem(path: Any, action: str, settings: Settings) -> str | None:
@@ -3842,6 +3862,8 @@ def _name_value_problem(value: Any, side: str, *, check_rules: bool) -> str | No
 def _attributes_problem(value: Any, side: str, settings: Settings, *, create: bool = False,
                         restoring: bool = False) -> str | None:
     cs = settings.custom_schema
+    if restoring:  # a journal's: the category and fields of its day, which the settings may have renamed since
+        return _journal_attributes_problem(value, side)
     if not isinstance(value, Mapping) or set(value) != {cs.category}:
         names = ", ".join(map(str, value)) if isinstance(value, Mapping) else repr(value)
         return f"{side} customSchemas must hold only the category {cs.category} (it holds {names})"
@@ -3859,6 +3881,25 @@ def _attributes_problem(value: Any, side: str, settings: Settings, *, create: bo
                 return f"{side} customSchemas {cs.category}.{name} {text!r} is not text"
         elif not isinstance(text, str) or not (text.isascii() and text.lstrip("-").isdigit()):
             return f"{side} customSchemas {cs.category}.{name} {text!r} is not a number as text"
+    return None
+
+
+_SCHEMA_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,99}")
+
+
+def _journal_attributes_problem(value: Any, side: str) -> str | None:
+    """A journal's custom attributes: one category of two fields at most, names as Google
+    writes them, values as text (or null for an absent field)."""
+    if (not isinstance(value, Mapping) or len(value) != 1
+            or not all(isinstance(k, str) and _SCHEMA_NAME.fullmatch(k) for k in value)):
+        return f"{side} customSchemas must hold one custom attribute category"
+    [(category, fields)] = value.items()
+    if (not isinstance(fields, Mapping) or not 1 <= len(fields) <= 2
+            or not all(isinstance(k, str) and _SCHEMA_NAME.fullmatch(k) for k in fields)):
+        return f"{side} customSchemas {category} must hold the school and/or graduation year field"
+    for name, text in fields.items():
+        if text is not None and not isinstance(text, str):
+            return f"{side} customSchemas {category}.{name} {text!r} is not text"
     return None
 
 
@@ -3919,12 +3960,27 @@ def read_plan_file(path: Path, settings: Settings) -> tuple[dict[str, Any], list
     entries = document.get("changes")
     if not isinstance(entries, list):
         raise StopRun(f"plan file {path} has no list of changes")
-    _refuse_changes(f"plan file {path}", "changes[{}]", change_problems(entries, settings))
+    _refuse_changes(f"plan file {path}", "changes[{}]", change_problems(entries, settings) or twice_named(entries))
     try:
         changes = [change_from_json(entry) for entry in entries]
     except (KeyError, TypeError, ValueError) as exc:
         raise StopRun(f"plan file {path} has a malformed change: {exc}") from None
     return document, changes
+
+
+def twice_named(entries: Sequence[Mapping[str, Any]]) -> list[tuple[int, str, str]]:
+    """(index, address, problem) of every change of a plan for an account an earlier one
+    changes already: the rules make one account change and one licence change per account."""
+    first: dict[tuple[str, bool], int] = {}
+    found = []
+    for index, entry in enumerate(entries):
+        key = (str(entry["email"]).lower(), entry["action"] == Action.LICENSE)
+        if key in first:
+            found.append((index, str(entry["email"]), f"changes the same {'licence' if key[1] else 'account'} as "
+                                                      f"changes[{first[key]}]: a plan names each account once"))
+        else:
+            first[key] = index
+    return found
 
 
 def _refuse_changes(what: str, where: str, problems: Sequence[tuple[int, str, str]]) -> None:
@@ -4005,11 +4061,14 @@ def _incomplete_entry(line: str, number: int) -> dict[str, Any]:
 _OPPOSITE = {"suspend": "unsuspend", "unsuspend": "suspend"}
 
 
-def undo_changes(entries: Sequence[Mapping[str, Any]], directory: Directory) -> tuple[list[Change], list[Notice]]:
+def undo_changes(entries: Sequence[Mapping[str, Any]], directory: Directory, settings: Settings,
+                 students: Collection[int]) -> tuple[list[Change], list[Notice]]:
     """The changes that reverse a run's applied changes, and what cannot be reversed.
 
     Created accounts are suspended, never deleted.  An account changed since the run
-    is reported and left alone.
+    is reported and left alone; so is the account of a number that is not among
+    `students` (those PowerSchool knows now), and one the undo would move out of the
+    student OUs -- a journal is input, not authority.
     """
     changes: list[Change] = []
     notices: list[Notice] = []
@@ -4028,6 +4087,10 @@ def undo_changes(entries: Sequence[Mapping[str, Any]], directory: Directory) -> 
                                   f"journal entry cannot be read: {exc}"))
             continue
         number, email = str(done.student_number), done.email
+        if done.student_number not in students:
+            notices.append(Notice(Level.ERROR, number, email, f"not undone: PowerSchool has no student {number} "
+                                  "now, and an undo changes students' accounts only; check this account by hand"))
+            continue
         account = directory.accounts.get(email.lower())
         if account is None:
             notices.append(Notice(Level.WARNING, number, email, "not undone: the account no longer exists"))
@@ -4037,9 +4100,15 @@ def undo_changes(entries: Sequence[Mapping[str, Any]], directory: Directory) -> 
             changes.extend([reverse] if reverse else [])
             notices.extend([said] if said else [])
             continue
+        problem = _undo_problem(done, settings)
+        if problem:
+            notices.append(Notice(problem[0], number, email, problem[1]))
+            continue
         after = {k: v for k, v in done.after.items() if k not in ("primaryEmail", "changePasswordAtNextLogin")}
         if done.action == Action.CREATE:
             after["suspended"] = False  # a created account is open; suspended since means changed since
+            if _category_of(after) not in (None, settings.custom_schema.category):
+                del after["customSchemas"]  # a category renamed since cannot be read: the rest must match
         if not holds_values(account, after):
             notices.append(Notice(Level.WARNING, number, email, "not undone: the account was changed since that run"))
             continue
@@ -4055,6 +4124,30 @@ def undo_changes(entries: Sequence[Mapping[str, Any]], directory: Directory) -> 
             notices.append(Notice(Level.WARNING, number, email, "was removed from groups "
                                   + ", ".join(entry["groups_removed"]) + " by that run: not re-added"))
     return changes, notices
+
+
+def _category_of(values: Mapping[str, Any]) -> str | None:
+    attributes = values.get("customSchemas")
+    return next(iter(attributes), None) if isinstance(attributes, Mapping) else None
+
+
+def _undo_problem(done: Change, settings: Settings) -> tuple[Level, str] | None:
+    """Why an applied change of a journal cannot be reversed under today's settings: an
+    error when it would take a student out of the student OUs, a warning when its custom
+    attributes are in a category the settings no longer read."""
+    if done.action == Action.CREATE:
+        return None  # reversed by a suspension: nothing is restored
+    restored = done.before.get("orgUnitPath")
+    if restored is not None and not is_student_ou(str(restored), settings):
+        ous = settings.ous
+        return Level.ERROR, (f"not undone: it would move the account back to {restored}, which is not a "
+                             f"student OU (under [ous] student_prefix {ous.student_prefix}, or {ous.suspended} "
+                             f"or {ous.graduated}); check this account by hand")
+    category = _category_of(done.before)
+    if category is not None and category != settings.custom_schema.category:
+        return Level.WARNING, (f"not undone: its custom attributes are in the category {category}, not "
+                               f"[custom_schema] category {settings.custom_schema.category} of these settings")
+    return None
 
 
 def _undo_licence(done: Change, account: Account, directory: Directory) -> tuple[Change | None, Notice | None]:
@@ -5247,6 +5340,17 @@ def _licence_still_current(change: Change, account: Account | None, directory: D
     return not holds and (account is not None or _key(change.email) in creating)
 
 
+def _students_known(run: Run, entries: Sequence[Mapping[str, Any]]) -> set[int]:
+    """Which of a journal's student numbers PowerSchool has a row for now, district-wide."""
+    numbers = {entry.get("student_number") for entry in entries if entry.get("result") == Status.APPLIED}
+    if not numbers:
+        return set()
+    with _powerschool(run) as connection:
+        schools = _read_school_rows(connection)
+        rows = _read_rows(connection, resolve_scope("all", schools), schools)
+    return {n for n in (as_student_number(row.student_number) for row in rows) if n in numbers}
+
+
 def _preview(changes: Sequence[Change]) -> list[Outcome]:
     """A dry run's outcomes: every change printed, none sent."""
     for change in changes:
@@ -5265,9 +5369,10 @@ def run_undo(run: Run) -> int:
                  before.get("run_id"))
         return EXIT_OK
     log.info("undo of run %s: %d journal entries", args.undo, len(entries))
+    students = _students_known(run, entries)
     client, directory = _read_whole_directory(
         run, with_licences=any(entry.get("action") == Action.LICENSE for entry in entries))
-    changes, notices = undo_changes(entries, directory)
+    changes, notices = undo_changes(entries, directory, settings, students)
     for notice in notices:
         _log_notice(notice)
     log.info("the undo would suspend %d accounts ([safety] max_suspensions = %d)",
