@@ -4541,6 +4541,7 @@ class Summary:
     unowned: int = 0
     not_tried: int = 0
     stopped: str = ""       # why the run stopped handing out changes, when it did
+    removing_groups: int = 0  # planned suspensions that remove group memberships (dry run)
 
     def text(self) -> str:
         order = [("create", "creates"), ("move", "moves"), ("rename", "renames"),
@@ -4548,7 +4549,13 @@ class Summary:
                  ("suspend", "suspends"), ("group removals", "group removals")]
         if self.counts[ASSIGN_LICENSE] or self.counts[RELEASE_LICENSE]:
             order += [(ASSIGN_LICENSE, "license assigns"), (RELEASE_LICENSE, "license releases")]
+        if self.dry_run:
+            # Which groups an account leaves is read when its suspension is applied: a
+            # planned figure would always say 0.
+            order.remove(("group removals", "group removals"))
         parts = ", ".join(f"{self.counts[key]} {label}" for key, label in order)
+        if self.removing_groups:
+            parts += f" (group removals for {self.removing_groups} of them are counted when applied)"
         text = (f"summary ({'planned' if self.dry_run else 'done'}): {parts}; "
                 f"{self.unchanged} already in step, {self.skipped} skipped, {self.warnings} warnings, "
                 f"{self.failures} failed")
@@ -4576,7 +4583,9 @@ def summarize(outcomes: Sequence[Outcome], notices: Sequence[Notice], unchanged:
     return Summary(counts=counts, unchanged=unchanged, skipped=levels[Level.SKIP], warnings=levels[Level.WARNING],
                    failures=len(failed_students(notices, outcomes)), stale=sum(o.status == Status.STALE for o in outcomes),
                    seconds=seconds, dry_run=dry_run, unowned=unowned,
-                   not_tried=sum(o.status == Status.NOT_TRIED for o in outcomes), stopped=stopped or "")
+                   not_tried=sum(o.status == Status.NOT_TRIED for o in outcomes), stopped=stopped or "",
+                   removing_groups=sum(o.status == Status.PLANNED and o.change.remove_groups for o in outcomes)
+                   if dry_run else 0)
 
 
 class Progress:
@@ -4909,19 +4918,24 @@ def _read_whole_directory(run: Run, *, with_licences: bool = True) -> tuple[Dire
         return client, _wait_for_directory(run, reading, progress)
 
 
-def _new_account_password(settings: Settings, changes: Sequence[Change], dry_run: bool) -> str | None:
-    """The new-account password, checked when the run would create accounts."""
+def _new_account_password(settings: Settings, changes: Sequence[Change],
+                          dry_run: bool) -> tuple[str | None, StopRun | None]:
+    """The new-account password, checked when the run would create accounts.
+
+    A real run without a usable one stops here (StopRun).  A dry run warns, shows its whole
+    plan, and then answers as the real run would: the returned stop is raised after it."""
     creates = sum(c.action == Action.CREATE for c in changes)
     if not creates:
-        return None
+        return None, None
     secret = read_secret(settings.accounts.new_password_env)
     problem = _password_problem(secret)
-    if problem:
-        if dry_run:
-            log.warning("%s: a real run would stop here", problem)
-            return None
-        raise StopRun(f"{problem}; accounts to create: {creates}")
-    return secret.value
+    if not problem:
+        return secret.value, None
+    problem = f"{problem}; accounts to create: {creates}"
+    if not dry_run:
+        raise StopRun(problem)
+    log.warning("%s: a real run would stop here", problem)
+    return None, StopRun("a real run would stop here (dry run): " + problem)
 
 
 def _password_problem(secret: Secret) -> str | None:
@@ -5214,7 +5228,8 @@ def run_sync(run: Run) -> int:
         for problem in problems:
             log.warning("allowed by --allow-mass-changes: %s", problem)
 
-    password = _new_account_password(settings, plan_.changes, args.dry_run)
+    password, no_password = _new_account_password(settings, plan_.changes, args.dry_run)
+    stop = stop or no_password
     schema = None if stop else _schema_problem(client, settings, plan_.changes)
     if schema:
         if not args.dry_run:
@@ -5265,14 +5280,16 @@ def run_apply_plan(run: Run) -> int:
     for outcome in stale:
         _log_outcome(outcome)
     dry_run = args.dry_run
-    password = _new_account_password(settings, current, dry_run)
-    schema = _schema_problem(client, settings, current)
+    password, stop = _new_account_password(settings, current, dry_run)
+    schema = None if stop else _schema_problem(client, settings, current)
     if schema and not dry_run:
         raise StopRun(schema)
+    if schema:
+        stop = StopRun("a real run would stop here (dry run): " + schema)
     if dry_run:
         code = _finish(run, [*_preview(current), *stale], [], 0, dry_run)
-        if schema:
-            raise StopRun("a real run would stop here (dry run): " + schema)
+        if stop:
+            raise stop
         return code
     outcomes = _apply(run, "apply-plan", client, current, password)
     problem = None

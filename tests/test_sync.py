@@ -153,17 +153,42 @@ def test_dry_run_prints_every_change_and_writes_nothing(sync, tmp_path):
     assert any(row.startswith("3001,") and row.endswith(",planned") for row in rows)
 
 
-def test_dry_run_without_password_warns_real_run_stops(sync, monkeypatch):
-    monkeypatch.delenv("NEW_USER_PASSWORD")
+@pytest.mark.parametrize("password", [None, "short"])
+def test_a_dry_run_without_the_new_account_password_shows_the_plan_and_answers_as_the_real_run(
+        sync, monkeypatch, password):
+    """SPEC 4: a dry run answers as the real run would. The missing (or short) password is a
+    warning where it is found, the whole plan and its summary follow, and the dry run ends
+    with the stop the real run meets: exit 2 (it exited 0, the real run 2)."""
+    if password is None:
+        monkeypatch.delenv("NEW_USER_PASSWORD")
+    else:
+        monkeypatch.setenv("NEW_USER_PASSWORD", password)
     sync.student(3101)
 
     dry = sync.run("--all", "--dry-run")
-    assert dry.code == 0
+    assert dry.code == 2, dry.output
     assert "NEW_USER_PASSWORD" in dry.output
+    assert f"would create: {email(3101)}" in dry.output and "summary (planned): 1 creates" in dry.output
+    assert dry.output.rstrip().splitlines()[-1].count("a real run would stop here") == 1
 
     real = sync.run("--all")
     assert real.code == 2
     assert "NEW_USER_PASSWORD" in real.output
+    assert sync.writes() == [] and sync.server.user(email(3101)) is None
+
+
+def test_a_dry_run_of_a_reviewed_plan_without_the_password_answers_as_applying_it_would(
+        sync, monkeypatch, tmp_path):
+    sync.student(3102)
+    plan = tmp_path / "plan.json"
+    assert sync.run("--all", "--dry-run", "--plan-out", str(plan)).code == 0
+    monkeypatch.delenv("NEW_USER_PASSWORD")
+
+    dry = sync.run("--apply-plan", str(plan), "--dry-run")
+    real = sync.run("--apply-plan", str(plan))
+
+    assert (dry.code, real.code) == (2, 2), dry.output + real.output
+    assert f"would create: {email(3102)}" in dry.output and "a real run would stop here" in dry.output
     assert sync.writes() == []
 
 
@@ -179,6 +204,24 @@ def test_short_password_is_exit_2_before_any_change(sync, monkeypatch):
     assert "shorter than 8" in result.output
     assert "short" not in result.output.replace("shorter", "")
     assert sync.writes() == []
+
+
+def test_a_dry_run_does_not_claim_0_group_removals_for_suspensions_that_will_remove_groups(sync):
+    """demo.py's dry run said "0 group removals" and the real run then made 6: which groups a
+    suspended account leaves is read when the suspension is applied, so a planned summary says
+    so instead of a figure."""
+    sync.student(3301, status=2)
+    sync.account(3301)
+    sync.server.add_group("band@d118.org", members=[email(3301)])
+
+    dry = sync.run("--all", "--dry-run")
+    assert dry.code == 0, dry.output
+    assert "1 suspends" in dry.output and "group removals" in dry.output
+    assert "0 group removals" not in dry.output, dry.output
+    assert "group removals for 1 of them are counted when applied" in dry.output
+
+    real = sync.run("--all")
+    assert "1 suspends" in real.output and "1 group removals" in real.output, real.output
 
 
 # --- scopes and wrappers ------------------------------------------------------------------------
