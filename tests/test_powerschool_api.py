@@ -194,6 +194,7 @@ def test_the_sample_district_gives_the_same_plan_from_sqlite_oracle_and_the_api(
                             lambda settings: OracleShapedConnection(demo.database))
         from_oracle = _plan_of(demo, "oracle")
         monkeypatch.undo()
+        monkeypatch.setenv("NEW_USER_PASSWORD", "Welcome-Sync-2026")   # a dry run without it exits 2
         monkeypatch.setenv("POWERSCHOOL_CLIENT_ID", CLIENT_ID)
         monkeypatch.setenv("POWERSCHOOL_CLIENT_SECRET", CLIENT_SECRET)
 
