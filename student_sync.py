@@ -3160,6 +3160,7 @@ class StopReason(StrEnum):
     INTERRUPTED = "interrupted"
     AUTHORIZATION_LOST = "Google's authorization was lost"
     JOURNAL_FAILED = "the journal could not be written"
+    DEFECT = "an unexpected error"
     OUTAGE = f"a Google outage ({MAX_CONSECUTIVE_FAILURES} changes in a row failed)"
 
     @property
@@ -3339,25 +3340,47 @@ class Applier:
                 arrived.put(None)  # this worker is done
 
         workers = min(self.workers, len(changes))
+        failure: BaseException | None = None
         with concurrent.futures.ThreadPoolExecutor(max_workers=max(workers, 1),
                                                    thread_name_prefix="apply") as pool:
             running = [pool.submit(work) for _ in range(workers)]
             done = 0
             while done < workers:
-                try:  # a short wait, so that Ctrl-C is handled promptly on Windows too
-                    item = arrived.get(timeout=0.25)
-                except queue.Empty:
-                    continue
-                if item is None:
-                    done += 1
-                    continue
-                outcomes[item[0]] = item[1]
-                if progress:
-                    progress(item[1])
+                try:
+                    try:  # a short wait, so that Ctrl-C is handled promptly on Windows too
+                        item = arrived.get(timeout=0.25)
+                    except queue.Empty:
+                        continue
+                    if item is None:
+                        done += 1
+                        continue
+                    outcomes[item[0]] = item[1]
+                    if progress:
+                        progress(item[1])
+                except BaseException as exc:  # re-raised below, once the workers stopped
+                    # Whatever broke here (a defect while logging or journalling, a Ctrl-C
+                    # with no handler), the workers must not go on applying changes nobody
+                    # records: stop handing them out, and keep collecting (and journalling
+                    # where possible) the ones under way before raising it.
+                    self._stop_for(exc)
+                    if failure is None:
+                        failure = exc
+                    else:
+                        log.debug("again while stopping: %s", _describe_any(exc), exc_info=True)
+        if failure is not None:
+            raise failure
         for future in running:
             future.result()  # a defect in a worker is not swallowed
         return [outcome or Outcome(change, Status.NOT_TRIED, str(self.halt.reason))
                 for outcome, change in zip(outcomes, changes)]
+
+    def _stop_for(self, exc: BaseException) -> None:
+        """Stop handing out changes because `exc` broke the collecting of outcomes."""
+        if isinstance(exc, KeyboardInterrupt):
+            self.halt.stop(StopReason.INTERRUPTED, "interrupted (Ctrl-C): no new change was started")
+        else:
+            self.halt.stop(StopReason.DEFECT, f"an unexpected error ({type(exc).__name__}) while an outcome "
+                           "was logged or journalled: no new change was started; see the log")
 
     def _watch_for_outage(self, outcome: Outcome) -> None:
         if any(outcome is seatless for seatless in self.seatless):
@@ -5023,14 +5046,7 @@ def _apply(run: Run, kind: str, client: DirectoryClient, changes: Sequence[Chang
     progress = Progress("applying", len(changes))
     journal_error: list[str] = []
 
-    def arrived(outcome: Outcome) -> None:
-        progress.step()
-        for notice in outcome.notices:
-            _log_notice(notice)
-        if any(outcome is seatless for seatless in applier.seatless):
-            log.info("student %s: %s", outcome.change.student_number, outcome.result)  # one error says it all
-        else:
-            _log_outcome(outcome)
+    def record(outcome: Outcome) -> None:
         if journal_error:
             return  # after a failed write, a line appended behind a half-written one would be lost too
         try:
@@ -5039,8 +5055,25 @@ def _apply(run: Run, kind: str, client: DirectoryClient, changes: Sequence[Chang
             journal_error.append(f"cannot write the journal {journal.path} ({exc.strerror or exc}): "
                                  f"is the disk of {run.logs} full? No new change was started; free some "
                                  "space there before the next run")
+        except Exception as exc:  # a defect (say a value that cannot be encoded): the same stop
+            log.debug("the journal's error in full:", exc_info=True)
+            journal_error.append(f"cannot write the journal {journal.path} (unexpected {type(exc).__name__}: "
+                                 f"{exc}): no new change was started; please report it with this log")
+        if journal_error:
             log.error("%s", journal_error[0])
             run.halt.stop(StopReason.JOURNAL_FAILED, journal_error[0])
+
+    def arrived(outcome: Outcome) -> None:
+        progress.step()
+        try:
+            record(outcome)  # first: whatever happens while logging, the change is in the journal
+        finally:
+            for notice in outcome.notices:
+                _log_notice(notice)
+            if any(outcome is seatless for seatless in applier.seatless):
+                log.info("student %s: %s", outcome.change.student_number, outcome.result)  # one error says it all
+            else:
+                _log_outcome(outcome)
 
     with _stop_signals(run.halt):
         try:
