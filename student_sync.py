@@ -3447,27 +3447,42 @@ class Applier:
         ours = insert.answer_lost
         made: tuple[Change, ...] = (change,) if ours else ()
         note = "created (the first answer was lost)" if ours else "account already existed"
-        get = users.get(userKey=change.email, projection="custom",
-                        customFieldMask=self.settings.custom_schema.category, fields=_USER_FIELDS)
-        account = account_from_resource(self._read_new_account(get), self.settings.custom_schema.category)
-        if account.email.lower() != change.email.lower():
-            return Outcome(change, Status.FAILED, f"address {change.email} is an alias of {account.email}; "
-                           "nothing was changed (remove the alias in the Admin console, then the next run "
-                           "creates the account)", made=())
-        if self.reconcile is None:
-            # A reviewed plan: no PowerSchool decision to fall back on, only the plan.
-            if holds_values(account, {k: v for k, v in change.after.items() if k != "primaryEmail"}):
-                return Outcome(change, Status.APPLIED, note=f"{note}, as planned", made=made)
-            return Outcome(change, Status.STALE, "the account exists now, unlike when the plan was made", made=())
-        follow_up, notices = self.reconcile(change, account)
-        if follow_up is None:
-            return Outcome(change, Status.APPLIED, note=f"{note}, in step", made=made, notices=notices)
-        if follow_up.action == Action.SUSPEND:  # cannot happen for a should-be-active decision
-            return Outcome(change, Status.FAILED, "account exists and would be suspended", made=made, notices=notices)
+        notices: tuple[Notice, ...] = ()
+        step = "reading the account back"
         try:
+            get = users.get(userKey=change.email, projection="custom",
+                            customFieldMask=self.settings.custom_schema.category, fields=_USER_FIELDS)
+            account = account_from_resource(self._read_new_account(get), self.settings.custom_schema.category)
+            if account.email.lower() != change.email.lower():
+                return Outcome(change, Status.FAILED, f"address {change.email} is an alias of {account.email}; "
+                               "nothing was changed (remove the alias in the Admin console, then the next run "
+                               "creates the account)", made=())
+            if self.reconcile is None:
+                # A reviewed plan: no PowerSchool decision to fall back on, only the plan.
+                if holds_values(account, {k: v for k, v in change.after.items() if k != "primaryEmail"}):
+                    return Outcome(change, Status.APPLIED, note=f"{note}, as planned", made=made)
+                if ours:  # made by us, yet not as planned: a failure, but the create stays in the record
+                    return Outcome(change, Status.FAILED, "the account does not hold the planned values",
+                                   note=note, made=made)
+                return Outcome(change, Status.STALE, "the account exists now, unlike when the plan was made", made=())
+            step = "weighing the account"
+            follow_up, notices = self.reconcile(change, account)
+            if follow_up is None:
+                return Outcome(change, Status.APPLIED, note=f"{note}, in step", made=made, notices=notices)
+            if follow_up.action == Action.SUSPEND:  # cannot happen for a should-be-active decision
+                return Outcome(change, Status.FAILED, "account exists and would be suspended", note=note if ours else "",
+                               made=made, notices=notices)
+            step = f"bringing it in step ({follow_up.describe()})"
             self._update(follow_up.email, follow_up.after)
         except Exception as exc:  # the rules' notices still reach the log
-            return self._failure(change, exc, notices)
+            if ours:
+                # Our own create went through: whatever failed after it, the account we made
+                # must be in the journal (as applied), so that --undo suspends it.
+                failure = self._failure(change, exc, notices)
+                return dataclasses.replace(failure, detail=f"{step}: {failure.detail}", note=note, made=made)
+            if step.startswith("bringing"):
+                return self._failure(change, exc, notices)
+            raise
         return Outcome(change, Status.APPLIED, note=f"{note}: {follow_up.describe()}", made=made + (follow_up,),
                        notices=notices)
 
@@ -4027,14 +4042,20 @@ class Journal:
         self.run_id, self.kind = run_id, kind
 
     def record(self, outcome: Outcome) -> None:
-        """One line per change really sent (a reconciled create may have sent another, or none)."""
+        """One line per change really sent (a reconciled create may have sent another, or none).
+
+        A failed outcome that names what it `made` (our own create, then a failed read-back or
+        update) records those changes as applied, with the failure in the note: they were."""
         lines = []
+        result, note = outcome.result, outcome.note
+        if outcome.failed and outcome.made:
+            result, note = str(Status.APPLIED), "; ".join(filter(None, [note, f"then {outcome.result}"]))
         for change in outcome.sent or (outcome.change,):
             entry = change_to_json(change)
             entry.update(run_id=self.run_id, kind=self.kind,
-                         result=outcome.result if outcome.sent else "nothing sent",
+                         result=result if outcome.sent else "nothing sent",
                          time=dt.datetime.now().isoformat(timespec="seconds"),
-                         groups_removed=list(outcome.groups_removed), note=outcome.note)
+                         groups_removed=list(outcome.groups_removed), note=note)
             lines.append(json.dumps(entry, ensure_ascii=False) + "\n")
         with open(self.path, "a", encoding="utf-8") as stream:
             stream.writelines(lines)
@@ -4598,7 +4619,8 @@ def summarize(outcomes: Sequence[Outcome], notices: Sequence[Notice], unchanged:
     counts: Counter[str] = Counter()
     for outcome in outcomes:
         # What was really sent: a create answered 409 counts as its follow-up, if any.
-        if outcome.ok or (dry_run and outcome.status == Status.PLANNED):
+        # A failure that names what it made before failing (our own create) counts that.
+        if outcome.ok or (dry_run and outcome.status == Status.PLANNED) or (outcome.failed and outcome.made):
             counts.update(label for change in outcome.sent for label in change.labels)
         # A removal stays made when the suspension after it failed.
         counts["group removals"] += len(outcome.groups_removed)
@@ -5178,10 +5200,19 @@ def _record_applied(run: Run, applied: AppliedRuns, kind: str, outcomes: Sequenc
     return None
 
 
-def _stop_if(problem: str | None, code: int) -> int:
+def _stop_if(problems: Sequence[str | None], code: int) -> int:
     """The run's exit code, or a stop (exit 2) when a state file could not be saved."""
-    if problem:
-        raise StopRun(problem)
+    said = [problem for problem in problems if problem]
+    if said:
+        raise StopRun("; ".join(said))
+    return code
+
+
+def _interrupted(run: Run, code: int) -> int:
+    """The exit code of a run that a Ctrl-C (or the like) met after its summary was made."""
+    if run.halt.reason == StopReason.INTERRUPTED and code in (EXIT_OK, EXIT_FAILURES):
+        log.warning("interrupted as the run ended: its changes, journal, state files and summary are written")
+        return EXIT_INTERRUPTED
     return code
 
 
@@ -5273,10 +5304,13 @@ def run_sync(run: Run) -> int:
         if stop:
             raise stop
         return code
-    outcomes = _apply(run, "sync", client, plan_.changes, password,
-                      _reconciler(plan_.decisions, directory, settings))
-    problem = _save_counts(run, weighed.enrolled) or _record_applied(run, applied, "sync", outcomes)
-    return _stop_if(problem, _finish(run, outcomes, plan_.notices, plan_.unchanged, False, unowned))
+    # Ctrl-C stays a stop until the run's record is written: the state files, the report, the summary.
+    with _stop_signals(run.halt):
+        outcomes = _apply(run, "sync", client, plan_.changes, password,
+                          _reconciler(plan_.decisions, directory, settings))
+        problems = [_save_counts(run, weighed.enrolled), _record_applied(run, applied, "sync", outcomes)]
+        code = _finish(run, outcomes, plan_.notices, plan_.unchanged, False, unowned)
+    return _stop_if(problems, _interrupted(run, code))
 
 
 def run_apply_plan(run: Run) -> int:
@@ -5324,16 +5358,18 @@ def run_apply_plan(run: Run) -> int:
         if stop:
             raise stop
         return code
-    outcomes = _apply(run, "apply-plan", client, current, password)
-    problem = None
     try:
         active = {int(k): int(v) for k, v in (document.get("active_students") or {}).items()}
     except (AttributeError, TypeError, ValueError):
         active = {}
-    if active and not older:  # the reviewed figures become the source-sanity baseline
-        problem = _save_counts(run, active)
-    problem = problem or _record_applied(run, applied, "apply-plan", outcomes, plan=digest)
-    return _stop_if(problem, _finish(run, [*outcomes, *stale], [], 0, dry_run))
+    # Ctrl-C stays a stop until the run's record is written: the state files, the report, the summary.
+    with _stop_signals(run.halt):
+        outcomes = _apply(run, "apply-plan", client, current, password)
+        problems = [_record_applied(run, applied, "apply-plan", outcomes, plan=digest)]
+        if active and not older:  # the reviewed figures become the source-sanity baseline
+            problems.insert(0, _save_counts(run, active))
+        code = _finish(run, [*outcomes, *stale], [], 0, dry_run)
+    return _stop_if(problems, _interrupted(run, code))
 
 
 def _decisions_now(run: Run, changes: Sequence[Change]) -> Mapping[str, Decision]:
@@ -5449,9 +5485,12 @@ def run_undo(run: Run) -> int:
         if stop:
             raise stop
         return code
-    outcomes = _apply(run, "undo", client, changes, None)
-    problem = _record_applied(run, applied, "undo", outcomes, undone=args.undo)
-    return _stop_if(problem, _finish(run, outcomes, notices, 0))
+    # Ctrl-C stays a stop until the run's record is written: the state files, the report, the summary.
+    with _stop_signals(run.halt):
+        outcomes = _apply(run, "undo", client, changes, None)
+        problems = [_record_applied(run, applied, "undo", outcomes, undone=args.undo)]
+        code = _finish(run, outcomes, notices, 0)
+    return _stop_if(problems, _interrupted(run, code))
 
 
 def run_check(run: Run) -> int:
