@@ -2180,10 +2180,12 @@ class DirectoryClient:
                 self._licence_assignments = self._build("licensing", "v1").licenseAssignments()
             return self._licence_assignments
 
-    def call(self, request: Any, *, limiters: Sequence[RateLimiter] = ()) -> Any:
+    def call(self, request: Any, *, limiters: Sequence[RateLimiter] = (), attempts: int | None = None) -> Any:
         """Send a built request on this thread's connection under the retry policy (and
-        `limiters` besides the policy's own); the last error propagates."""
-        return self.policy.call(functools.partial(self._send, request), limiters=limiters)
+        `limiters` besides the policy's own), at most `attempts` tries if given; the last
+        error propagates."""
+        policy = self.policy if attempts is None else dataclasses.replace(self.policy, attempts=attempts)
+        return policy.call(functools.partial(self._send, request), limiters=limiters)
 
     def _send(self, request: Any) -> Any:
         answer = request.execute(http=self._http())
@@ -3406,8 +3408,7 @@ class Applier:
                 return self._suspend(change)
             if change.action == Action.LICENSE:
                 return self._licence(change)
-            self._update(change.email, change.after)
-            return Outcome(change, Status.APPLIED)
+            return Outcome(change, Status.APPLIED, note=self._update(change.email, change.after))
         except Exception as exc:  # one student's failure must not stop the others' outcomes
             return self._failure(change, exc)
 
@@ -3426,9 +3427,31 @@ class Applier:
         log.debug("unexpected error applying %s", change.email, exc_info=True)
         return Outcome(change, Status.FAILED, f"unexpected {type(exc).__name__} (details in the log)", notices=notices)
 
-    def _update(self, email: str, body: Mapping[str, Any]) -> None:
-        request = self.client.resource("users").update(userKey=email, body=dict(body), fields="primaryEmail")
-        self.client.call(request)
+    def _update(self, email: str, body: Mapping[str, Any]) -> str:
+        """Send an update; its note ("" as a rule).  When every try failed and one of them lost
+        its answer, the update may have been applied all the same: one read tells."""
+        users = self.client.resource("users")
+        update = _WatchedRequest(users.update(userKey=email, body=dict(body), fields="primaryEmail"))
+        try:
+            self.client.call(update)
+            return ""
+        except Exception:
+            if not update.answer_lost or not self._holds(email, body):
+                raise
+        return "applied although its answers were lost: the account read back holds the new values"
+
+    def _holds(self, email: str, body: Mapping[str, Any]) -> bool:
+        """Does the account hold `body`'s values now?  One try (an outage must not cost another
+        retry schedule per change); False when it cannot be read."""
+        category = self.settings.custom_schema.category
+        get = self.client.resource("users").get(userKey=email, projection="custom", customFieldMask=category,
+                                                fields=_USER_FIELDS)
+        try:
+            resource = self.client.call(get, attempts=1)
+        except Exception:  # the update's own error is the one to report
+            return False
+        account = account_from_resource(resource, category)
+        return account.email.lower() == email.lower() and holds_values(account, body)
 
     def _create(self, change: Change) -> Outcome:
         users = self.client.resource("users")
@@ -3511,13 +3534,13 @@ class Applier:
                     if self._remove_member(members, group, change.email):
                         removed.append(group)
             step = "suspending after group removal" if change.remove_groups else ""
-            self._update(change.email, change.after)
+            note = self._update(change.email, change.after)
         except Exception as exc:  # any failure, authorization lost included: keep what was removed
             failure = self._failure(change, exc)
             detail = failure.detail if not step else f"{step}: {failure.detail}" + (
                 "" if step.startswith("suspending") else "; not suspended")
             return dataclasses.replace(failure, detail=detail, groups_removed=tuple(removed))
-        return Outcome(change, Status.APPLIED, groups_removed=tuple(removed))
+        return Outcome(change, Status.APPLIED, groups_removed=tuple(removed), note=note)
 
     def _licence(self, change: Change) -> Outcome:
         """Release or assign the licence of [licenses]; a plan's other SKU is never sent."""

@@ -237,6 +237,33 @@ def test_a_group_removal_applied_but_answered_503_then_404_is_our_removal(sync, 
     assert BAND in row["detail"] and CHOIR in row["detail"]
 
 
+def test_updates_applied_but_answered_503_every_time_are_read_back_journalled_and_undoable(sync, no_backoff):
+    # Every write is applied and then answered 503, on every try: the answers are lost, the
+    # changes are made.  One read of the account tells.
+    for number in range(500080, 500085):
+        sync.student(number, grade=10)
+        sync.account(number)                                  # 9th grade OU: all move
+    sync.student(500085, status=2)
+    sync.account(500085)
+    sync.server.add_group(BAND, members=[email(500085)])
+    sync.server.faults = FaultPlan(applied_then_error_rate=1.0, only_writes=True, seed=1)
+
+    result = sync.run("--all")
+
+    assert result.code == 0, result.output
+    assert "6 moves" in summary_line(result.output) and "1 suspends" in summary_line(result.output)
+    assert "1 group removals" in summary_line(result.output)
+    entries = {e["student_number"]: e for e in journal_entries(sync)}
+    assert {n: entries[n]["result"] for n in range(500080, 500086)} == dict.fromkeys(range(500080, 500086), "applied")
+    sync.server.faults = None
+
+    undo = sync.run("--undo", run_id_of(journal_of(sync)))
+
+    assert undo.code == 0, undo.output
+    assert all(sync.server.user(email(n))["orgUnitPath"] == WHS_9 for n in range(500080, 500085))
+    assert sync.server.user(email(500085))["suspended"] is False
+
+
 def test_a_group_404_on_the_first_try_is_not_counted_as_ours(sync, no_backoff):
     # The listing said member; by the time of the delete somebody else had removed it.
     sync.student(500062, status=2)
