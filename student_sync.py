@@ -999,6 +999,13 @@ SELECT s.STUDENT_NUMBER, s.FIRST_NAME, s.LAST_NAME, s.CLASSOF, s.ENROLL_STATUS,
          JOIN SCHOOLS sc ON sc.SCHOOL_NUMBER = s2.SCHOOLID
         WHERE {scope})"""
 
+# A SQLite copy keeps each value as it was written (no column types): one student's rows
+# can hold "0500801" beside 500801, which the query above would not match but the rules
+# group as one student.  A copy is read whole and scoped here, as the API reader does.
+_ALL_STUDENTS_SQL = """\
+SELECT STUDENT_NUMBER, FIRST_NAME, LAST_NAME, CLASSOF, ENROLL_STATUS, SCHOOLID, GRADE_LEVEL
+  FROM STUDENTS"""
+
 _FETCH_ROWS = 5000
 
 
@@ -1051,12 +1058,20 @@ def _scope_sql(scope: Scope) -> tuple[str, dict[str, int]]:
 
 
 def read_students(connection: Any, scope: Scope, schools: Mapping[int, School]) -> list[StudentRow]:
-    """The rows of the scope's students (and their rows elsewhere) in one query."""
+    """The rows of the scope's students (and their rows elsewhere) in one query.
+
+    Oracle's STUDENT_NUMBER is a NUMBER, so the query's match on it is the rules' match by
+    number.  A SQLite copy is read whole and scoped by students_of_scope instead (see
+    _ALL_STUDENTS_SQL)."""
+    whole = isinstance(connection, sqlite3.Connection)
     condition, binds = _scope_sql(scope)
     cursor = connection.cursor()
     try:
         cursor.arraysize = _FETCH_ROWS
-        cursor.execute(_STUDENTS_SQL.format(scope=condition), binds)
+        if whole:
+            cursor.execute(_ALL_STUDENTS_SQL)
+        else:
+            cursor.execute(_STUDENTS_SQL.format(scope=condition), binds)
         rows = []
         while True:
             batch = cursor.fetchmany(_FETCH_ROWS)
@@ -1069,9 +1084,17 @@ def read_students(connection: Any, scope: Scope, schools: Mapping[int, School]) 
                     enroll_status=status, school_id=school_id, grade_level=grade,
                     school=schools.get(school_number) if school_number is not None else None,
                 ))
-        return rows
+        return students_of_scope(rows, scope) if whole else rows
     finally:
         cursor.close()
+
+
+def students_of_scope(rows: Sequence[StudentRow], scope: Scope) -> list[StudentRow]:
+    """The rows at the scope's schools, and every other row of the same students: a student
+    is one student number, as the rules read it, however each row spells it."""
+    in_scope = [r.school is not None and r.school.number in scope.school_numbers for r in rows]
+    numbers = {as_student_number(r.student_number) for r, inside in zip(rows, in_scope) if inside} - {None}
+    return [r for r, inside in zip(rows, in_scope) if inside or as_student_number(r.student_number) in numbers]
 
 
 def connect_powerschool(settings: Settings) -> Any:
@@ -1655,9 +1678,7 @@ def read_api_students(api: PowerSchoolApi, scope: Scope, schools: Mapping[int, S
             enroll_status=values.get("enroll_status"), school_id=values.get("schoolid"),
             grade_level=values.get("grade_level"),
             school=schools.get(school_number) if school_number is not None else None))
-    in_scope = [r.school is not None and r.school.number in scope.school_numbers for r in rows]
-    numbers = {as_student_number(r.student_number) for r, inside in zip(rows, in_scope) if inside} - {None}
-    return [r for r, inside in zip(rows, in_scope) if inside or as_student_number(r.student_number) in numbers]
+    return students_of_scope(rows, scope)
 
 
 def check_api_access(api: PowerSchoolApi) -> list[str]:

@@ -250,6 +250,27 @@ def test_building_scope_weighs_rows_across_the_district(sync):
     assert "2 PowerSchool rows" in result.output
 
 
+@pytest.mark.parametrize("here, elsewhere", [
+    (500801, "0500801"),      # the other row's number written with a leading zero
+    ("500802", 500802),       # the same digits, stored as text beside an integer
+    (500803, "500803"),
+])
+def test_a_building_run_does_not_suspend_a_student_active_elsewhere_under_another_spelling(sync, here, elsewhere):
+    """The SQLite copy stores STUDENT_NUMBER as it was written: the rows of one student (as the
+    rules group them, by number) must all be read, however each is spelled, or a building run
+    sees only the withdrawn row and suspends a student active at another school."""
+    number = int(here)
+    sync.student(here, status=2, school=101)                  # left WHS ...
+    sync.student(elsewhere, school=102, grade=7)              # ... active at LMS
+    sync.account(number, org_unit=LMS_7, school=102)
+
+    result = sync.run("--building", "101")
+
+    assert result.code == 0, result.output
+    assert state(sync.server, number) == ("Ann", "Lee", False, LMS_7), result.output
+    assert "2 PowerSchool rows" in result.output
+
+
 def test_state_reporting_scope_leaves_excluded_schools(sync):
     sync.student(4201, school=101)
     sync.student(4202, school=102, grade=7)        # STATE_EXCLUDEFROMREPORTING NULL: included
