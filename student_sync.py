@@ -4150,8 +4150,10 @@ _OPPOSITE = {"suspend": "unsuspend", "unsuspend": "suspend"}
 
 
 def undo_changes(entries: Sequence[Mapping[str, Any]], directory: Directory, settings: Settings,
-                 students: Collection[int]) -> tuple[list[Change], list[Notice]]:
-    """The changes that reverse a run's applied changes, and what cannot be reversed.
+                 students: Collection[int]) -> tuple[list[Change], list[Notice], int]:
+    """The changes that reverse a run's applied changes, what cannot be reversed, and how
+    many accounts are as the undo would leave them already (an undo run again after an
+    outage stopped it).
 
     Created accounts are suspended, never deleted.  An account changed since the run
     is reported and left alone; so is the account of a number that is not among
@@ -4160,6 +4162,7 @@ def undo_changes(entries: Sequence[Mapping[str, Any]], directory: Directory, set
     """
     changes: list[Change] = []
     notices: list[Notice] = []
+    already = 0
     for entry in reversed(entries):
         if entry.get("result") == _INCOMPLETE:
             notices.append(Notice(Level.ERROR, str(entry["student_number"]), str(entry["email"]),
@@ -4198,6 +4201,9 @@ def undo_changes(entries: Sequence[Mapping[str, Any]], directory: Directory, set
             if _category_of(after) not in (None, settings.custom_schema.category):
                 del after["customSchemas"]  # a category renamed since cannot be read: the rest must match
         if not holds_values(account, after):
+            if account.suspended if done.action == Action.CREATE else holds_values(account, done.before):
+                already += 1  # as before that run already: undone by an earlier, stopped undo
+                continue
             notices.append(Notice(Level.WARNING, number, email, "not undone: the account was changed since that run"))
             continue
         if done.action == Action.CREATE:
@@ -4211,7 +4217,7 @@ def undo_changes(entries: Sequence[Mapping[str, Any]], directory: Directory, set
         if entry.get("groups_removed"):
             notices.append(Notice(Level.WARNING, number, email, "was removed from groups "
                                   + ", ".join(entry["groups_removed"]) + " by that run: not re-added"))
-    return changes, notices
+    return changes, notices, already
 
 
 def _category_of(values: Mapping[str, Any]) -> str | None:
@@ -5358,8 +5364,8 @@ def run_sync(run: Run) -> int:
 
 
 def run_apply_plan(run: Run) -> int:
-    """Apply a reviewed plan: its changes only, each where the student is still one of the
-    plan's scope in PowerSchool and the account still holds the planned 'now'."""
+    """Apply a reviewed plan: its changes only, each while today's decision (PowerSchool as it
+    is now) still calls for it and the account still holds the planned 'now'."""
     args, settings = run.args, run.settings
     document, changes = read_plan_file(args.apply_plan, settings)
     scope = document.get("scope")
@@ -5502,7 +5508,7 @@ def run_undo(run: Run) -> int:
     students = _students_known(run, entries)
     client, directory = _read_whole_directory(
         run, with_licences=any(entry.get("action") == Action.LICENSE for entry in entries))
-    changes, notices = undo_changes(entries, directory, settings, students)
+    changes, notices, already = undo_changes(entries, directory, settings, students)
     for notice in notices:
         _log_notice(notice)
     log.info("the undo would suspend %d accounts ([safety] max_suspensions = %d)",
@@ -5525,7 +5531,7 @@ def run_undo(run: Run) -> int:
     if schema:
         stop = StopRun("a real run would stop here (dry run): " + schema)
     if args.dry_run:
-        code = _finish(run, _preview(changes), notices, 0, dry_run=True)
+        code = _finish(run, _preview(changes), notices, already, dry_run=True)
         if stop:
             raise stop
         return code
@@ -5533,7 +5539,7 @@ def run_undo(run: Run) -> int:
     with _stop_signals(run.halt):
         outcomes = _apply(run, "undo", client, changes, None)
         problems = [_record_applied(run, applied, "undo", outcomes, undone=args.undo)]
-        code = _finish(run, outcomes, notices, 0)
+        code = _finish(run, outcomes, notices, already)
     return _stop_if(problems, _interrupted(run, code))
 
 

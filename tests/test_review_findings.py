@@ -260,6 +260,34 @@ def test_an_undo_stopped_by_an_outage_can_be_run_again(sync, no_backoff):
     again = sync.run("--undo", run_id)
 
     assert all(sync.server.user(email(n))["orgUnitPath"] == WHS_9 for n in range(500701, 500704)), again.output
+    assert again.code == 0 and "already undone" not in again.output, again.output
+
+
+def test_an_undo_run_again_after_a_stop_finishes_what_is_left_without_warnings(sync, no_backoff):
+    for number in range(500711, 500715):
+        sync.student(number, grade=10)
+        sync.account(number)                               # the run moves each 9th -> 10th
+    assert sync.run("--all").code == 0
+    run_id = journal_path(sync).stem[len("journal-"):]
+    puts = []
+
+    def second_put_fails(method, path):                    # the first reversal goes out, then an outage
+        if method == "PUT":
+            puts.append(path)
+            return ("503", False) if len(set(puts)) > 1 else None
+        return None
+
+    sync.server.hook = second_put_fails
+    assert sync.run("--undo", run_id).code != 0
+    sync.server.hook = None
+    assert sum(sync.server.user(email(n))["orgUnitPath"] == WHS_9 for n in range(500711, 500715)) == 1
+
+    again = sync.run("--undo", run_id)
+
+    assert again.code == 0, again.output
+    assert all(sync.server.user(email(n))["orgUnitPath"] == WHS_9 for n in range(500711, 500715)), again.output
+    assert "changed since" not in again.output
+    assert "1 already in step" in again.output, again.output
 
 
 def test_an_already_applied_plan_says_nothing_to_do_not_a_summary(sync, tmp_path):
