@@ -1506,23 +1506,35 @@ class PowerSchoolApi:
                                   f"API? (client ID and secret in {self.variables})")
             if status == 429 and waits < _API_MAX_WAITS:
                 waits += 1
-                wait = _retry_after(answer.headers.get("Retry-After"))
-                if wait is not None and wait > _API_MAX_RETRY_AFTER:
-                    raise SourceError(f"PowerSchool asks to wait {wait:.0f} s before the next request "
-                                      f"(HTTP 429 from {path}): try again later")
+                wait = self._asked_wait(answer, path)
                 wait = self._backoff(waits - 1) if wait is None else wait
                 log.debug("PowerSchool: %s refused as too soon (429); waiting %.1f s", path, wait)
                 self._pacer.hold(wait)
                 continue
             if status >= 500 and attempt + 1 < _API_ATTEMPTS:
                 attempt += 1
-                wait = self._backoff(attempt - 1)
+                # A 503 may say when to come back (maintenance, a restart): every thread waits that long.
+                asked = self._asked_wait(answer, path)
+                wait = self._backoff(attempt - 1) if asked is None else asked
                 log.debug("PowerSchool: HTTP %d from %s; retrying in %.1f s", status, path, wait)
-                time.sleep(wait)
+                if asked is None:
+                    time.sleep(wait)
+                else:
+                    self._pacer.hold(wait)
                 continue
             if status == 403:
                 raise SourceError(self._forbidden(answer, path, columns))
             return self._json(answer, path, what)
+
+    @staticmethod
+    def _asked_wait(answer: Any, path: str) -> float | None:
+        """The answer's Retry-After in seconds (None without one); a wait longer than a run
+        can give is a SourceError saying to try later."""
+        wait = _retry_after(answer.headers.get("Retry-After"))
+        if wait is not None and wait > _API_MAX_RETRY_AFTER:
+            raise SourceError(f"PowerSchool asks to wait {wait:.0f} s before the next request "
+                              f"(HTTP {answer.status_code} from {path}): try again later")
+        return wait
 
     def _renew(self, used: str | None) -> None:
         """One new token for every thread that saw the old one refused or run out."""
@@ -1568,6 +1580,8 @@ class PowerSchoolApi:
         records = body.get("record") if isinstance(body, dict) else None
         if records is None:
             return []
+        if isinstance(records, dict):  # a lone record, as JSON converted from XML sends it
+            records = [records]
         if not isinstance(records, list):
             raise SourceError(f"PowerSchool: {table.upper()} page {page} has a record that is not a list")
         return [self._row(table, record) for record in records]

@@ -160,7 +160,7 @@ class Fault:
     times: int = 1
     status: int = 503
     drop: int = 1
-    retry_after: str = "1"
+    retry_after: str | None = None   # "status": no Retry-After unless given; "429": "1" unless given
 
     def __post_init__(self) -> None:
         if self.kind not in FAULT_KINDS:
@@ -357,8 +357,12 @@ class PowerSchoolApiServer:
                  client_secret: str = "e7d4c2b1-6a5f-4e3d-9c8b-7a6f5e4d3c2b",
                  plugin_xml: Path | str = PLUGIN_XML, max_page_size: int = 100,
                  token_lifetime: float = 3600.0, min_interval_ms: float = 0.0,
-                 latency_ms: float = 0.0, host: str = "127.0.0.1", port: int = 0):
+                 latency_ms: float = 0.0, host: str = "127.0.0.1", port: int = 0,
+                 lone_record_as_object: bool = False):
         self.client_id, self.client_secret = client_id, client_secret
+        # A page of one record sends it as an object, not a one-item list, as JSON converted
+        # from XML (and some PowerSchool answers) does.
+        self.lone_record_as_object = lone_record_as_object
         self.grants = read_grants(plugin_xml)
         self._tables = _Tables(Path(database), self.grants)
         self.max_page_size = max_page_size
@@ -485,11 +489,11 @@ class PowerSchoolApiServer:
         if fault and fault.kind == "status":
             if fault.status >= 500 and fault.status != 500:
                 return _Answer(fault.status, f"<html><body><h1>{fault.status}</h1></body></html>".encode(),
-                               HTML_TYPE)
+                               HTML_TYPE, {"Retry-After": fault.retry_after} if fault.retry_after else {})
             return _message(fault.status, "Internal Server Error" if fault.status == 500 else "Error")
         if fault and fault.kind == "429":
             return _message(429, "Too many requests. Please wait before making another request.",
-                            **{"Retry-After": fault.retry_after})
+                            **{"Retry-After": fault.retry_after or "1"})
         if fault and fault.kind == "html":
             return _Answer(200, _SIGN_IN_PAGE, HTML_TYPE)
         if method != "GET":
@@ -596,6 +600,8 @@ class PowerSchoolApiServer:
         payload: dict[str, Any] = {"name": TABLES[table][1]}
         if rows:
             payload["record"] = [self._tables.record(table, columns, row) for row in rows]
+            if self.lone_record_as_object and len(rows) == 1:
+                payload["record"] = payload["record"][0]
         return _json(200, payload)
 
     def _one(self, table: str, key: str, query: dict[str, str]) -> _Answer:

@@ -308,6 +308,40 @@ def test_5xx_answers_are_retried(sync, api):
     assert all(sync.server.user(email(n)) for n in numbers)
 
 
+def test_a_503_with_retry_after_waits_as_asked_then_reads_on(sync, api):
+    numbers = students(sync, 6)
+    api.add_fault("status", r"/students$", page=2, status=503, retry_after="1")
+    result = sync.run("--all")
+    assert result.code == 0, result.output
+    assert all(sync.server.user(email(n)) for n in numbers)
+    assert [r.status for r in student_pages(api) if r.query.get("page") == "2"] == [503, 200]
+
+
+def test_a_503_asking_for_a_longer_wait_than_a_run_can_give_stops_before_any_change(sync, api):
+    """Retry-After on a 503 (maintenance) is honoured like a 429's: an hour is not spent
+    retrying every few seconds, nor waited out; the run says to try later."""
+    numbers = students(sync, 6)
+    api.add_fault("status", r"/students$", page=2, status=503, retry_after="3600")
+    result = sync.run("--all")
+    assert result.code == 2, result.output
+    assert "3600 s" in result.output and "503" in result.output
+    assert [r.status for r in student_pages(api) if r.query.get("page") == "2"] == [503]
+    assert not sync.writes() and not any(sync.server.user(email(n)) for n in numbers)
+
+
+def test_a_page_holding_one_record_as_an_object_is_read_as_one_record(sync, monkeypatch):
+    """A lone record may come as an object rather than a one-item list (JSON converted from
+    XML does that): the last page of 11 students in pages of 5 holds one."""
+    monkeypatch.setenv("POWERSCHOOL_CLIENT_ID", CLIENT_ID)
+    monkeypatch.setenv("POWERSCHOOL_CLIENT_SECRET", CLIENT_SECRET)
+    numbers = students(sync, 11)
+    with start_api(sync, lone_record_as_object=True) as server:
+        sync.settings(api_settings(server))
+        result = sync.run("--all")
+    assert result.code == 0, result.output
+    assert all(sync.server.user(email(n)) for n in numbers)
+
+
 def test_a_token_expiring_mid_read_gets_one_new_token(sync, api):
     numbers = students(sync, 12)
     api.add_fault("expire", r"/students$", page=2)
