@@ -309,30 +309,10 @@ def _clean_spaces(value: Any) -> str:
     return " ".join(text.split())
 
 
-def _as_int(value: Any) -> int | None:
-    """A whole number from an int, integral float or Decimal, or numeric text; else None."""
-    if value is None or isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float):
-        return int(value) if value.is_integer() else None
-    if isinstance(value, (decimal.Decimal, str, bytes)):
-        text = value.decode() if isinstance(value, bytes) else str(value)
-        try:
-            number = decimal.Decimal(text.strip())
-        except decimal.InvalidOperation:
-            return None
-        if not number.is_finite() or number != number.to_integral_value():
-            return None
-        return int(number)
-    return None
-
-
-def as_student_number(value: Any) -> int | None:
-    """A STUDENT_NUMBER: text of digits only, or an integral number (Oracle's NUMBER as int,
-    float or Decimal); anything else (`5e5`, `+500008`, ` 500007 `) is None."""
-    if value is None or isinstance(value, bool):
+def _whole_number(value: Any) -> int | None:
+    """A whole number from an int, integral float or finite integral Decimal; else None
+    (a bool, text or anything else is not a number here)."""
+    if isinstance(value, bool):
         return None
     if isinstance(value, int):
         return value
@@ -340,9 +320,26 @@ def as_student_number(value: Any) -> int | None:
         return int(value) if value.is_integer() else None
     if isinstance(value, decimal.Decimal):
         return int(value) if value.is_finite() and value == value.to_integral_value() else None
-    if isinstance(value, str) and value.isascii() and value.isdigit():
-        return int(value)
     return None
+
+
+def _as_int(value: Any) -> int | None:
+    """A whole number from an int, integral float or Decimal, or numeric text; else None."""
+    if isinstance(value, (str, bytes)):
+        text = value.decode() if isinstance(value, bytes) else value
+        try:
+            value = decimal.Decimal(text.strip())
+        except decimal.InvalidOperation:
+            return None
+    return _whole_number(value)
+
+
+def as_student_number(value: Any) -> int | None:
+    """A STUDENT_NUMBER: text of digits only, or an integral number (Oracle's NUMBER as int,
+    float or Decimal); anything else (`5e5`, `+500008`, ` 500007 `) is None."""
+    if isinstance(value, str):
+        return int(value) if value.isascii() and value.isdigit() else None
+    return _whole_number(value)
 
 
 def _key(email: str) -> str:
