@@ -5374,6 +5374,14 @@ def run_sync(run: Run) -> int:
     return _stop_if(problems, _interrupted(run, code))
 
 
+def _nothing_to_do(run: Run) -> int:
+    """A plan or undo already done: exit 0 with no summary of figures (nothing was weighed),
+    and the asked-for report, empty, so that a scheduled job finds its file."""
+    if run.args.report:
+        _write_report_or_say(run.args.report, [], [], [])
+    return EXIT_OK
+
+
 def run_apply_plan(run: Run) -> int:
     """Apply a reviewed plan: its changes only, each while today's decision (PowerSchool as it
     is now) still calls for it and the account still holds the planned 'now'."""
@@ -5389,7 +5397,7 @@ def run_apply_plan(run: Run) -> int:
         log.info("nothing to do: plan %s was already applied on %s (run %s); for what changed since, "
                  "make a new plan with --dry-run --plan-out FILE", args.apply_plan, applied.when(before),
                  before.get("run_id"))
-        return EXIT_OK
+        return _nothing_to_do(run)
     older = applied.plan_is_older(document, digest)
     if older and not args.allow_older_plan:
         raise StopRun(
@@ -5514,7 +5522,7 @@ def run_undo(run: Run) -> int:
     if before:
         log.info("nothing to do: run %s was already undone on %s (run %s)", args.undo, applied.when(before),
                  before.get("run_id"))
-        return EXIT_OK
+        return _nothing_to_do(run)
     log.info("undo of run %s: %d journal entries", args.undo, len(entries))
     students = _students_known(run, entries)
     client, directory = _read_whole_directory(

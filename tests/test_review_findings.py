@@ -299,9 +299,11 @@ def test_an_already_applied_plan_says_nothing_to_do_not_a_summary(sync, tmp_path
     assert first.code == 0, first.output
     run_id = re.search(r"undo with --undo (\S+)\)", first.output).group(1)
 
-    again = sync.run("--apply-plan", str(plan_path))
+    report = tmp_path / "again.csv"
+    again = sync.run("--apply-plan", str(plan_path), "--report", str(report))
 
     assert again.code == 0, again.output
+    assert report.read_text(encoding="utf-8-sig").splitlines()[0].startswith("student_number,email,action")
     assert re.search(rf"nothing to do: plan \S*plan.json was already applied on \d{{4}}-\d\d-\d\d at [\d:]+ "
                      rf"\(run {run_id}\)", again.output), again.output
     assert "summary" not in again.output and "0 failed" not in again.output, again.output
