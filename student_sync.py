@@ -4579,7 +4579,7 @@ def _outcome_detail(outcome: Outcome) -> str:
 
 def _log_outcome(outcome: Outcome) -> None:
     change = outcome.change
-    text = f"{'+'.join(change.labels)} {change.email}: {_outcome_detail(outcome)}"
+    text = f"{change.email}: {_outcome_detail(outcome)}"  # the detail names each change, once
     if outcome.ok:
         log.info("%s", text)
     elif outcome.failed:
@@ -5509,7 +5509,8 @@ def _students_known(run: Run, entries: Sequence[Mapping[str, Any]]) -> set[int]:
 def _preview(changes: Sequence[Change]) -> list[Outcome]:
     """A dry run's outcomes: every change printed, none sent."""
     for change in changes:
-        log.info("would %s: %s (%s)", "+".join(change.labels), change.email, change.describe())
+        verbs = "+".join("update attributes" if label == "attributes" else label for label in change.labels)
+        log.info("would %s: %s (%s)", verbs, change.email, change.describe())
     return [Outcome(c, Status.PLANNED) for c in changes]
 
 

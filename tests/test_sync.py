@@ -224,6 +224,22 @@ def test_a_dry_run_does_not_claim_0_group_removals_for_suspensions_that_will_rem
     assert "1 suspends" in real.output and "1 group removals" in real.output, real.output
 
 
+def test_console_lines_name_each_change_once_and_read_as_sentences(sync):
+    """A real run's line gave the verb twice ("create 3401@d118.org: create Ann Lee in ..."),
+    a dry run's an odd one ("would attributes:")."""
+    sync.student(3401)
+    sync.student(3402)
+    sync.account(3402, class_of=None)                      # lacks the graduation year
+
+    dry = sync.run("--all", "--dry-run")
+    assert f"would update attributes: {email(3402)} (attributes " in dry.output, dry.output
+    assert "would attributes" not in dry.output
+
+    real = sync.run("--all")
+    assert f"{email(3401)}: create Ann Lee in {WHS_9}" in real.output, real.output
+    assert f"create {email(3401)}" not in real.output and f"attributes {email(3402)}" not in real.output
+
+
 # --- scopes and wrappers ------------------------------------------------------------------------
 
 
