@@ -359,11 +359,14 @@ def _merge_field(tree: FieldTree, name: str, sub: FieldTree | None) -> None:
             _merge_field(tree[name], key, value)  # type: ignore[arg-type]
 
 
-def _check_fields(tree: FieldTree, schema: str | None) -> None:
-    """Reject names the response resource does not have, as Google does."""
+def _check_fields(tree: FieldTree, schema: str | None,
+                  schemas: dict[str, dict[str, str | None]] | None = None) -> None:
+    """Reject names the response resource does not have, as Google does; ``schemas``: the
+    API's resources (the Directory API's by default; the licensing API passes its own)."""
     if schema is None or schema == _OPEN:
         return
-    props = _SCHEMAS[schema]
+    schemas = _SCHEMAS if schemas is None else schemas
+    props = schemas[schema]
     for name, sub in tree.items():
         if name == "*":
             continue
@@ -373,7 +376,7 @@ def _check_fields(tree: FieldTree, schema: str | None) -> None:
             if props[name] is None:
                 raise ApiError(400, "invalidParameter",
                                f"Invalid field selection {name}/{next(iter(sub))}")
-            _check_fields(sub, props[name])
+            _check_fields(sub, props[name], schemas)
 
 
 def _apply_fields(value: Any, tree: FieldTree | None) -> Any:

@@ -40,8 +40,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 from testkit.directory_server import (
-    ApiError, _FieldParser, _Response, _apply_fields, _decode_token, _encode_json,
-    _encode_token, _error_response, _etag, _int_param)
+    ApiError, _FieldParser, _Response, _apply_fields, _check_fields, _decode_token,
+    _encode_json, _encode_token, _error_response, _etag, _int_param)
 
 __all__ = ["Licensing", "LICENSING_PREFIX", "PRODUCTS", "SCOPE"]
 
@@ -86,20 +86,6 @@ _SCHEMAS: dict[str, dict[str, str | None]] = {
     "LicenseAssignment": dict.fromkeys(
         "etags kind productId productName selfLink skuId skuName userId".split()),
 }
-
-
-def _check_fields(tree: dict, schema: str) -> None:
-    props = _SCHEMAS[schema]
-    for name, sub in tree.items():
-        if name == "*":
-            continue
-        if name not in props:
-            raise ApiError(400, "invalidParameter", f"Invalid field selection {name}")
-        if sub is not None:
-            if props[name] is None:
-                raise ApiError(400, "invalidParameter",
-                               f"Invalid field selection {name}/{next(iter(sub))}")
-            _check_fields(sub, props[name])  # type: ignore[arg-type]
 
 
 def _scope_error() -> _Response:
@@ -247,7 +233,7 @@ class Licensing:
             fields = None
             if query.get("fields", "").strip():
                 fields = _FieldParser(query["fields"]).parse()
-                _check_fields(fields, schema)
+                _check_fields(fields, schema, _SCHEMAS)
             status, payload = handler(params, query, body)
         except ApiError as error:
             return _error_response(error)
