@@ -37,18 +37,18 @@ import json
 import random
 import re
 import signal
-import socket
 import sys
 import threading
 import time
 import traceback
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from json.encoder import encode_basestring as _json_string
 from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import parse_qsl, unquote, urlsplit
+
+from testkit._http import TrackedHandler, TrackedServer, serve, stop_serving
 
 __all__ = ["DirectoryServer", "FaultPlan", "Recorded"]
 
@@ -1199,37 +1199,17 @@ class Recorded:
     time: float = field(default_factory=_monotonic, compare=False)
 
 
-class _HttpServer(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
+class _HttpServer(TrackedServer):
     request_queue_size = 128  # many clients connecting at once must not wait on SYN retries
 
     def __init__(self, address: tuple[str, int], directory: "DirectoryServer"):
         self.directory = directory
-        self.connections: set[socket.socket] = set()
-        self.connections_lock = threading.Lock()
         super().__init__(address, _RequestHandler)
 
 
-class _RequestHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True  # headers and body go out promptly: no 40 ms stalls
+class _RequestHandler(TrackedHandler):
     server_version = "ESF"
-    sys_version = ""
     server: _HttpServer
-
-    def setup(self) -> None:
-        super().setup()
-        with self.server.connections_lock:
-            self.server.connections.add(self.connection)
-
-    def finish(self) -> None:
-        with self.server.connections_lock:
-            self.server.connections.discard(self.connection)
-        super().finish()
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - no access log
-        pass
 
     def _serve(self) -> None:
         try:
@@ -1304,26 +1284,13 @@ class DirectoryServer:
     def start(self) -> "DirectoryServer":
         if self._httpd is None:
             self._httpd = _HttpServer((self._host, self._port), self)
-            self._thread = threading.Thread(target=self._httpd.serve_forever,
-                                            kwargs={"poll_interval": 0.05},
-                                            name="directory-server", daemon=True)
-            self._thread.start()
+            self._thread = serve(self._httpd, "directory-server")
         return self
 
     def stop(self) -> None:
         httpd, self._httpd = self._httpd, None
-        if httpd is None:
-            return
-        httpd.shutdown()
-        httpd.server_close()
-        with httpd.connections_lock:
-            for conn in list(httpd.connections):
-                try:
-                    conn.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-        if self._thread:
-            self._thread.join(timeout=5)
+        if httpd is not None:
+            stop_serving(httpd, self._thread)
 
     def __enter__(self) -> "DirectoryServer":
         return self.start()

@@ -47,17 +47,17 @@ import math
 import random
 import re
 import secrets
-import socket
 import sqlite3
 import sys
 import threading
 import time
 import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Iterable
 from urllib.parse import parse_qsl, unquote, urlsplit
+
+from testkit._http import TrackedHandler, TrackedServer, serve, stop_serving
 
 __all__ = ["PowerSchoolApiServer", "Recorded", "Fault", "PLUGIN_XML", "read_grants"]
 
@@ -300,37 +300,17 @@ class _Tables:
 # --------------------------------------------------------------------------------------------
 
 
-class _HttpServer(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
+class _HttpServer(TrackedServer):
     request_queue_size = 64
 
     def __init__(self, address: tuple[str, int], api: "PowerSchoolApiServer"):
         self.api = api
-        self.connections: set[socket.socket] = set()
-        self.connections_lock = threading.Lock()
         super().__init__(address, _Handler)
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True
+class _Handler(TrackedHandler):
     server_version = "Apache-Coyote/1.1"
-    sys_version = ""
     server: _HttpServer
-
-    def setup(self) -> None:
-        super().setup()
-        with self.server.connections_lock:
-            self.server.connections.add(self.connection)
-
-    def finish(self) -> None:
-        with self.server.connections_lock:
-            self.server.connections.discard(self.connection)
-        super().finish()
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - no access log
-        pass
 
     def _serve(self) -> None:
         length = self.headers.get("Content-Length", "0").strip() or "0"
@@ -382,25 +362,13 @@ class PowerSchoolApiServer:
     def start(self) -> "PowerSchoolApiServer":
         if self._httpd is None:
             self._httpd = _HttpServer((self._host, self._port), self)
-            self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                                            name="powerschool-api", daemon=True)
-            self._thread.start()
+            self._thread = serve(self._httpd, "powerschool-api")
         return self
 
     def stop(self) -> None:
         httpd, self._httpd = self._httpd, None
-        if httpd is None:
-            return
-        httpd.shutdown()
-        httpd.server_close()
-        with httpd.connections_lock:
-            for connection in list(httpd.connections):
-                try:
-                    connection.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-        if self._thread:
-            self._thread.join(timeout=5)
+        if httpd is not None:
+            stop_serving(httpd, self._thread)
 
     def __enter__(self) -> "PowerSchoolApiServer":
         return self.start()
