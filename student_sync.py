@@ -3911,10 +3911,18 @@ def _update_problem(action: str, labels: list, before: Mapping, after: Mapping,
     return None
 
 
+def _look_alike(text: str) -> bool:
+    """Does the text hold a character that str.lower() maps onto ASCII from outside it
+    (KELVIN SIGN U+212A -> "k"), so that it would pass for another path?"""
+    return not text.isascii() and any(not ch.isascii() and ch.lower().isascii() for ch in text)
+
+
 def is_student_ou(path: str, settings: Settings) -> bool:
     """Is this an OU the rules put a student in: under the student prefix, or the suspended
     or graduated OU (case-insensitive, as Google compares OU paths)?"""
     ous, lower = settings.ous, path.lower()
+    if _look_alike(path):
+        return False
     return ((lower + "/").startswith(ous.student_prefix.lower())
             or lower in (ous.suspended.lower(), ous.graduated.lower()))
 
@@ -3925,6 +3933,8 @@ def _target_ou_problem(path: Any, action: str, settings: Settings) -> str | None
     ous = settings.ous
     if not isinstance(path, str) or not path.startswith("/"):
         return f"orgUnitPath {path!r} is not an OU path"
+    if _look_alike(path):
+        return f"orgUnitPath {path!r} holds a character that only looks like a letter of the alphabet"
     lower = path.lower()
     under_prefix = (lower + "/").startswith(ous.student_prefix.lower())
     if action == "suspend":

@@ -500,3 +500,12 @@ def test_a_plan_without_the_recorded_last_applied_run_is_older(sync, tmp_path, f
 
     assert result.code == 2 and "--allow-older-plan" in result.output, result.output
     assert sync.writes() == []
+
+
+def test_an_ou_path_with_a_look_alike_letter_is_not_a_student_ou():
+    settings = make_settings(ous={"student_prefix": "/K12 Students/"})
+    assert student_sync.is_student_ou("/K12 Students/WHS Students", settings)
+    assert student_sync.is_student_ou("/k12 students/WHS Students", settings)
+    assert not student_sync.is_student_ou("/\u212a12 Students/WHS Students", settings)
+    assert "look" in student_sync._target_ou_problem("/\u212a12 Students/WHS Students", "update", settings)
+    assert student_sync._target_ou_problem("/K12 Students/WHS Students", "update", settings) is None
