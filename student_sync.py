@@ -997,11 +997,18 @@ SELECT s.STUDENT_NUMBER, s.FIRST_NAME, s.LAST_NAME, s.CLASSOF, s.ENROLL_STATUS,
         WHERE {scope})"""
 
 # A SQLite copy keeps each value as it was written (no column types): one student's rows
-# can hold "0500801" beside 500801, which the query above would not match but the rules
-# group as one student.  A copy is read whole and scoped here, as the API reader does.
-_ALL_STUDENTS_SQL = """\
-SELECT STUDENT_NUMBER, FIRST_NAME, LAST_NAME, CLASSOF, ENROLL_STATUS, SCHOOLID, GRADE_LEVEL
-  FROM STUDENTS"""
+# can hold "0500801" beside 500801, which the query above would not match, although the
+# rules read both as student 500801.  Oracle's STUDENT_NUMBER is a NUMBER, so there the
+# match is the rules' own.  On a SQLite copy the same query reads this view instead (a
+# temporary view named like the table is found before it), which gives digit-only text
+# the number Oracle would hold and leaves every other value as written.
+_SQLITE_STUDENTS_VIEW = """\
+CREATE TEMP VIEW IF NOT EXISTS STUDENTS AS
+SELECT CASE WHEN typeof(STUDENT_NUMBER) = 'text' AND STUDENT_NUMBER <> ''
+             AND STUDENT_NUMBER NOT GLOB '*[^0-9]*'
+            THEN CAST(STUDENT_NUMBER AS INTEGER) ELSE STUDENT_NUMBER END AS STUDENT_NUMBER,
+       FIRST_NAME, LAST_NAME, CLASSOF, ENROLL_STATUS, SCHOOLID, GRADE_LEVEL
+  FROM main.STUDENTS"""
 
 _FETCH_ROWS = 5000
 
@@ -1055,20 +1062,15 @@ def _scope_sql(scope: Scope) -> tuple[str, dict[str, int]]:
 
 
 def read_students(connection: Any, scope: Scope, schools: Mapping[int, School]) -> list[StudentRow]:
-    """The rows of the scope's students (and their rows elsewhere) in one query.
-
-    Oracle's STUDENT_NUMBER is a NUMBER, so the query's match on it is the rules' match by
-    number.  A SQLite copy is read whole and scoped by students_of_scope instead (see
-    _ALL_STUDENTS_SQL)."""
-    whole = isinstance(connection, sqlite3.Connection)
+    """The rows of the scope's students (and their rows elsewhere) in one query, the same
+    SQL text for Oracle and a SQLite copy (see _SQLITE_STUDENTS_VIEW)."""
     condition, binds = _scope_sql(scope)
     cursor = connection.cursor()
     try:
+        if isinstance(connection, sqlite3.Connection):
+            cursor.execute(_SQLITE_STUDENTS_VIEW)
         cursor.arraysize = _FETCH_ROWS
-        if whole:
-            cursor.execute(_ALL_STUDENTS_SQL)
-        else:
-            cursor.execute(_STUDENTS_SQL.format(scope=condition), binds)
+        cursor.execute(_STUDENTS_SQL.format(scope=condition), binds)
         rows = []
         while True:
             batch = cursor.fetchmany(_FETCH_ROWS)
@@ -1081,7 +1083,7 @@ def read_students(connection: Any, scope: Scope, schools: Mapping[int, School]) 
                     enroll_status=status, school_id=school_id, grade_level=grade,
                     school=schools.get(school_number) if school_number is not None else None,
                 ))
-        return students_of_scope(rows, scope) if whole else rows
+        return rows
     finally:
         cursor.close()
 
