@@ -382,8 +382,9 @@ def test_a_journal_that_cannot_be_written_stops_applying_with_exit_2_naming_the_
                     time.sleep(0.01)
                 full_after.append(sum(1 for n in numbers if sync.server.user(email(n))))
                 [journal] = logs.glob("journal-*.jsonl")
-                journal.unlink()
-                journal.symlink_to("/dev/full")        # every write from now on: no space left
+                full = journal.with_name("full-disk")  # swapped in at once: a writer that opens the
+                full.symlink_to("/dev/full")           # journal meanwhile cannot re-create it first
+                os.replace(full, journal)              # every write from now on: no space left
         if full_after:
             time.sleep(0.2)    # slower writes from now on: the rest of the plan cannot race the stop
         return None
