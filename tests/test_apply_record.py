@@ -685,4 +685,4 @@ def test_the_busiest_second_holds_no_more_calls_than_the_limit_with_creates_mixe
 # ---------------------------------------------------------------------------------------------
 
 from test_safety import token_endpoint, write_token  # noqa: E402,F401
-from test_operator import email_settings, smtp  # noqa: E402,F401
+from conftest import email_settings  # noqa: E402 - the smtp fixture is conftest's

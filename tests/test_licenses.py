@@ -19,7 +19,6 @@ from conftest import WHS_9, email
 import student_sync
 from testkit import district
 from testkit.directory_server import FaultPlan
-from test_operator import smtp  # noqa: F401 - a fixture
 from test_safety import token_endpoint  # noqa: F401 - a fixture
 
 PRODUCT, PLUS, STANDARD = "101031", "1010310008", "1010310005"
@@ -999,7 +998,7 @@ def test_a_plan_or_journal_without_licence_changes_reads_no_licences(sync, tmp_p
 
 
 def test_the_email_names_licence_changes_and_the_seats_that_ran_out(sync, smtp):
-    from test_operator import email_settings
+    from conftest import email_settings
 
     settings = email_settings(smtp.port)   # when = "problems"
     settings["licenses"] = {"product_id": PRODUCT, "sku_id": PLUS, "assign": True}

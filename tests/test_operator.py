@@ -8,22 +8,16 @@ SQLite PowerSchool (see conftest.py); the email tests add a local SMTP server (a
 from __future__ import annotations
 
 import csv
-import email as email_lib
 import copy
 import re
-import socket
 import sys
-from email import policy as email_policy
 from pathlib import Path
 
-import pytest
-
-from conftest import PASSWORD, WHS_9, WHS_10, Sync, email
+from conftest import (PASSWORD, SMTP_PASSWORD, WHS_9, WHS_10, FakeTty, Sync, email, email_settings,
+                      free_port)
 import student_sync
 from testkit import district
-from testkit.directory_server import DirectoryServer, FaultPlan
-
-SMTP_PASSWORD = "SMTPPASS-4e8d21"
+from testkit.directory_server import FaultPlan
 
 
 # ---------------------------------------------------------------------------------------------
@@ -48,46 +42,6 @@ def read_report(path: Path) -> list[dict[str, str]]:
 
 def lines_starting(output: str, word: str) -> list[str]:
     return [line for line in output.splitlines() if line.startswith(word)]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def prepare_ous_only(srv: DirectoryServer) -> None:
-    """prepare_directory without the custom schema: the tests add their own."""
-    from conftest import FROZEN, SCHOOLS
-
-    for abbreviation in (s[2] for s in SCHOOLS):
-        for grade_ou in set(district.GRADES.values()):
-            srv.add_orgunit(district.building_ou(abbreviation) + grade_ou)
-    for path in (district.SUSPENDED_OU, district.GRADUATED_OU, FROZEN):
-        srv.add_orgunit(path)
-
-
-@pytest.fixture
-def bare_sync(tmp_path, capsys, monkeypatch):
-    """A district whose directory has every OU but no custom schema: call it with the
-    schema to register (name, fields) and get a Sync."""
-    monkeypatch.setenv("NEW_USER_PASSWORD", PASSWORD)
-    servers, districts = [], []
-
-    def make(schema_name: str, fields: dict[str, str]) -> Sync:
-        srv = DirectoryServer(domain=district.DOMAIN).start()
-        servers.append(srv)
-        prepare_ous_only(srv)
-        srv.add_schema(schema_name, fields)
-        district_ = Sync(tmp_path, srv, capsys)
-        districts.append(district_)
-        return district_
-
-    yield make
-    for district_ in districts:
-        district_.ps.close()
-    for srv in servers:
-        srv.stop()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -349,21 +303,6 @@ def test_unwritable_report_path_is_named_and_does_not_hide_the_runs_outcome(sync
 # ---------------------------------------------------------------------------------------------
 
 
-class FakeTty:
-    def __init__(self, tty: bool = True):
-        self.text, self.tty = "", tty
-
-    def write(self, text: str) -> int:
-        self.text += text
-        return len(text)
-
-    def flush(self) -> None:
-        pass
-
-    def isatty(self) -> bool:
-        return self.tty
-
-
 def test_no_progress_lines_when_output_is_not_a_terminal(sync):
     for number in range(1001, 1011):
         sync.student(number)
@@ -395,48 +334,6 @@ def test_progress_is_silent_when_stdout_is_redirected(monkeypatch):
 # ---------------------------------------------------------------------------------------------
 # 5. Summary email
 # ---------------------------------------------------------------------------------------------
-
-
-class Mailbox:
-    """An aiosmtpd handler that keeps every message, and an authenticator that accepts one login."""
-
-    def __init__(self) -> None:
-        self.messages: list = []
-        self.logins: list[tuple[str, str]] = []
-
-    async def handle_DATA(self, server, session, envelope):  # noqa: N802 - aiosmtpd's name
-        self.messages.append(email_lib.message_from_bytes(envelope.original_content or envelope.content,
-                                                          policy=email_policy.default))
-        return "250 OK"
-
-    def authenticate(self, server, session, envelope, mechanism, auth_data):
-        from aiosmtpd.smtp import AuthResult
-
-        login = auth_data.login.decode() if isinstance(auth_data.login, bytes) else auth_data.login
-        password = auth_data.password.decode() if isinstance(auth_data.password, bytes) else auth_data.password
-        self.logins.append((login, password))
-        return AuthResult(success=(login, password) == ("sync-mailer", SMTP_PASSWORD), handled=False)
-
-    def bodies(self) -> list[str]:
-        return [m.get_body(preferencelist=("plain",)).get_content() for m in self.messages]
-
-
-@pytest.fixture
-def smtp():
-    from aiosmtpd.controller import Controller
-
-    mailbox = Mailbox()
-    controller = Controller(mailbox, hostname="127.0.0.1", port=free_port(), auth_require_tls=False,
-                            authenticator=mailbox.authenticate)
-    controller.start()
-    mailbox.port = controller.port
-    yield mailbox
-    controller.stop()
-
-
-def email_settings(port: int, **more) -> dict:
-    return {"email": {"smtp_host": "127.0.0.1", "smtp_port": port, "from": "sync@d118.org",
-                      "to": ["tech@d118.org"], **more}}
 
 
 def test_when_always_a_successful_run_sends_the_summary_and_log_path(sync, smtp):

@@ -20,21 +20,18 @@ PowerSchool (see conftest.py).
 from __future__ import annotations
 
 import copy
-import email as email_lib
 import json
 import re
 import socket
 import sys
 import threading
-from email import policy as email_policy
 from pathlib import Path
 
 import pytest
 
-from conftest import LMS_7, PASSWORD, WHS_9, WHS_10, Sync, email
+from conftest import LMS_7, WHS_9, WHS_10, FakeTty, email, email_settings
 import student_sync
 from testkit import district
-from testkit.directory_server import DirectoryServer
 
 SUSPENDED_OU = district.SUSPENDED_OU
 CATEGORY = district.CATEGORY
@@ -359,38 +356,6 @@ def test_undo_refuses_a_tampered_journal_naming_the_line_and_changes_nothing(syn
 # ---------------------------------------------------------------------------------------------
 
 
-def prepare_ous_only(srv: DirectoryServer) -> None:
-    from conftest import FROZEN, SCHOOLS
-
-    for abbreviation in (s[2] for s in SCHOOLS):
-        for grade_ou in set(district.GRADES.values()):
-            srv.add_orgunit(district.building_ou(abbreviation) + grade_ou)
-    for path in (district.SUSPENDED_OU, district.GRADUATED_OU, FROZEN):
-        srv.add_orgunit(path)
-
-
-@pytest.fixture
-def bare_sync(tmp_path, capsys, monkeypatch):
-    """A district whose directory has every OU and the schema it is given (name, fields)."""
-    monkeypatch.setenv("NEW_USER_PASSWORD", PASSWORD)
-    servers, districts = [], []
-
-    def make(schema_name: str, fields: dict[str, str]) -> Sync:
-        srv = DirectoryServer(domain=district.DOMAIN).start()
-        servers.append(srv)
-        prepare_ous_only(srv)
-        srv.add_schema(schema_name, fields)
-        district_ = Sync(tmp_path, srv, capsys)
-        districts.append(district_)
-        return district_
-
-    yield make
-    for district_ in districts:
-        district_.ps.close()
-    for srv in servers:
-        srv.stop()
-
-
 SCHEMA_CASES = {
     "category-renamed": ("SynchronizationData", {SCHOOL_FIELD: "INT64", GRAD_FIELD: "INT64"},
                          f"custom attribute category {CATEGORY} does not exist"),
@@ -654,39 +619,6 @@ def test_dry_run_during_a_safety_stop_writes_the_plan_it_is_asked_for(sync, tmp_
     assert len(json.loads(path.read_text(encoding="utf-8"))["changes"]) == 4
 
 
-class Mailbox:
-    def __init__(self) -> None:
-        self.messages: list = []
-
-    async def handle_DATA(self, server, session, envelope):  # noqa: N802 - aiosmtpd's name
-        self.messages.append(email_lib.message_from_bytes(envelope.original_content or envelope.content,
-                                                          policy=email_policy.default))
-        return "250 OK"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def smtp():
-    from aiosmtpd.controller import Controller
-
-    mailbox = Mailbox()
-    controller = Controller(mailbox, hostname="127.0.0.1", port=free_port())
-    controller.start()
-    mailbox.port = controller.port
-    yield mailbox
-    controller.stop()
-
-
-def email_settings(port: int, **more) -> dict:
-    return {"email": {"smtp_host": "127.0.0.1", "smtp_port": port, "from": "sync@d118.org",
-                      "to": ["tech@d118.org"], **more}}
-
-
 def test_dry_run_safety_stop_email_says_it_was_a_dry_run(sync, smtp):
     stopping_district(sync)
     sync.settings({**email_settings(smtp.port), "safety": {"max_suspensions": 1}})
@@ -825,21 +757,6 @@ def test_a_trickling_smtp_server_meets_the_overall_deadline_named_as_a_timeout(s
 # ---------------------------------------------------------------------------------------------
 # 8. The progress line and log lines on one terminal (issue 11.11)
 # ---------------------------------------------------------------------------------------------
-
-
-class FakeTty:
-    def __init__(self) -> None:
-        self.text = ""
-
-    def write(self, text: str) -> int:
-        self.text += text
-        return len(text)
-
-    def flush(self) -> None:
-        pass
-
-    def isatty(self) -> bool:
-        return True
 
 
 def screen(text: str) -> list[str]:
