@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import email as email_lib
+import re
 import socket
 import sys
 from email import policy as email_policy
@@ -244,4 +245,39 @@ def smtp():
 def email_settings(port: int, **more) -> dict:
     return {"email": {"smtp_host": "127.0.0.1", "smtp_port": port, "from": "sync@d118.org",
                       "to": ["tech@d118.org"], **more}}
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared by the plan/journal test modules: what an account looks like, the logs folder, the
+# run ID a run prints
+# ---------------------------------------------------------------------------------------------
+
+JOURNAL_LINE = re.compile(r"journal: (\S+) \(undo with --undo (\S+)\)")
+
+
+def looks(user: dict | None):
+    """What the rules manage on an account."""
+    if user is None:
+        return None
+    return (user["suspended"], user["orgUnitPath"], user["name"]["givenName"],
+            user["name"]["familyName"], user.get("customSchemas"))
+
+
+def looks_of(server, number: int):
+    return looks(server.user(email(number)))
+
+
+def logs(sync) -> Path:
+    return sync.folder / "logs"
+
+
+def run_id_of(result) -> str:
+    match = JOURNAL_LINE.search(result.output)
+    assert match, f"no 'journal: ... (undo with --undo RUN_ID)' line in:\n{result.output}"
+    return match.group(2)
+
+
+def counts_file(sync) -> Path:
+    settings = student_sync.load_settings(sync.settings_path)
+    return logs(sync) / f"school_counts-{settings.instance}.json"
 

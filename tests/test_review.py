@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import LMS_7, PASSWORD, WHS_9, WHS_10, email, withdrawn
+from conftest import (LMS_7, PASSWORD, WHS_9, WHS_10, counts_file, email, logs, looks, looks_of,
+                      run_id_of, withdrawn)
 import student_sync
 from testkit import district
 from testkit.directory_server import FaultPlan
@@ -26,7 +27,6 @@ SUSPENDED_OU = district.SUSPENDED_OU
 CATEGORY = district.CATEGORY
 SCHOOL_FIELD = district.SCHOOL_FIELD
 GRAD_FIELD = district.GRAD_FIELD
-JOURNAL_LINE = re.compile(r"journal: (\S+) \(undo with --undo (\S+)\)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -43,33 +43,11 @@ def hand_edit(server, address: str, body: dict) -> None:
         assert answer.status == 200
 
 
-def looks(user: dict | None):
-    """What the rules manage on an account."""
-    if user is None:
-        return None
-    return (user["suspended"], user["orgUnitPath"], user["name"]["givenName"],
-            user["name"]["familyName"], user.get("customSchemas"))
-
-
-def looks_of(server, number: int):
-    return looks(server.user(email(number)))
-
-
-def logs(sync) -> Path:
-    return sync.folder / "logs"
-
-
 def report_rows(path: Path) -> dict[str, dict]:
     """Change rows of a --report CSV, by email (notice rows left out)."""
     with open(path, encoding="utf-8-sig", newline="") as stream:
         rows = list(csv.DictReader(stream))
     return {r["email"]: r for r in rows if r["action"] not in ("error", "warning", "skip", "unowned")}
-
-
-def run_id_of(result) -> str:
-    match = JOURNAL_LINE.search(result.output)
-    assert match, f"no 'journal: ... (undo with --undo RUN_ID)' line in:\n{result.output}"
-    return match.group(2)
 
 
 def fingerprint(sync) -> str:
@@ -608,11 +586,6 @@ def school_of(sync, school: int, first: int, count: int, grade: int = 9) -> list
 def drop(sync, numbers) -> None:
     for number in numbers:
         sync.ps.execute("UPDATE STUDENTS SET ENROLL_STATUS = 2 WHERE STUDENT_NUMBER = ?", (number,))
-
-
-def counts_file(sync) -> Path:
-    settings = student_sync.load_settings(sync.settings_path)
-    return logs(sync) / f"school_counts-{settings.instance}.json"
 
 
 def test_real_run_keeps_active_counts_per_school_and_a_dry_run_does_not(sync):

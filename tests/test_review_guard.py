@@ -29,7 +29,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import LMS_7, WHS_9, WHS_10, FakeTty, email, email_settings
+from conftest import (LMS_7, WHS_9, WHS_10, FakeTty, counts_file, email, email_settings, logs,
+                      looks_of, run_id_of)
 import student_sync
 from testkit import district
 
@@ -37,33 +38,11 @@ SUSPENDED_OU = district.SUSPENDED_OU
 CATEGORY = district.CATEGORY
 SCHOOL_FIELD = district.SCHOOL_FIELD
 GRAD_FIELD = district.GRAD_FIELD
-JOURNAL_LINE = re.compile(r"journal: (\S+) \(undo with --undo (\S+)\)")
 
 
 # ---------------------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------------------
-
-
-def looks(user: dict | None):
-    if user is None:
-        return None
-    return (user["suspended"], user["orgUnitPath"], user["name"]["givenName"],
-            user["name"]["familyName"], user.get("customSchemas"))
-
-
-def looks_of(server, number: int):
-    return looks(server.user(email(number)))
-
-
-def logs(sync) -> Path:
-    return sync.folder / "logs"
-
-
-def run_id_of(result) -> str:
-    match = JOURNAL_LINE.search(result.output)
-    assert match, f"no 'journal: ... (undo with --undo RUN_ID)' line in:\n{result.output}"
-    return match.group(2)
 
 
 def withdrawn(sync, numbers) -> None:
@@ -74,11 +53,6 @@ def withdrawn(sync, numbers) -> None:
 
 def saved_plans(sync) -> list[Path]:
     return sorted(logs(sync).glob("plan-*.json"))
-
-
-def counts_file(sync) -> Path:
-    settings = student_sync.load_settings(sync.settings_path)
-    return logs(sync) / f"school_counts-{settings.instance}.json"
 
 
 def mixed_plan(sync, tmp_path, base: int) -> tuple[Path, dict]:
