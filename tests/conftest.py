@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import copy
+import json
 import email as email_lib
 import re
 import socket
 import sys
+import threading
 from email import policy as email_policy
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 
@@ -281,3 +284,52 @@ def counts_file(sync) -> Path:
     settings = student_sync.load_settings(sync.settings_path)
     return logs(sync) / f"school_counts-{settings.instance}.json"
 
+
+# ---------------------------------------------------------------------------------------------
+# Shared by test_safety and test_windows: Google's OAuth token endpoint on the loopback
+# ---------------------------------------------------------------------------------------------
+
+
+class TokenEndpoint(ThreadingHTTPServer):
+    """Stands in for Google's OAuth token endpoint: every POST gets `status` and `answer`
+    (both may be changed while it serves); `posts` counts the POSTs."""
+
+    daemon_threads = True
+
+    def __init__(self, status: int, answer: dict) -> None:
+        self.status, self.answer, self.posts = status, answer, 0
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(handler) -> None:  # noqa: N805 - `self` is the server here
+                handler.rfile.read(int(handler.headers.get("Content-Length") or 0))
+                self.posts += 1
+                body = json.dumps(self.answer).encode()
+                handler.send_response(self.status)
+                handler.send_header("Content-Type", "application/json")
+                handler.send_header("Content-Length", str(len(body)))
+                handler.end_headers()
+                handler.wfile.write(body)
+
+            def log_message(handler, *args) -> None:  # noqa: N805
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/token"
+
+
+def serve_token_endpoint(monkeypatch, status: int, answer: dict) -> Iterator[TokenEndpoint]:
+    """A loopback token endpoint, for a fixture to yield from.  google-auth (2.63) replaces an
+    authorized-user file's token_uri with Google's address when it loads the file, so that
+    address points here."""
+    import google.oauth2.credentials
+
+    endpoint = TokenEndpoint(status, answer)
+    monkeypatch.setattr(google.oauth2.credentials, "_GOOGLE_OAUTH2_TOKEN_ENDPOINT", endpoint.url)
+    thread = threading.Thread(target=endpoint.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield endpoint
+    endpoint.shutdown()
+    endpoint.server_close()

@@ -19,12 +19,11 @@ import textwrap
 import threading
 import time
 import webbrowser
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
-from conftest import LMS_7, ROOT, WHS_9, WHS_10, email, state, withdrawn
+from conftest import LMS_7, ROOT, WHS_9, WHS_10, email, serve_token_endpoint, state, withdrawn
 import student_sync
 from testkit import district
 from testkit.directory_server import FaultPlan
@@ -65,48 +64,10 @@ def no_browser(monkeypatch):
     monkeypatch.setattr(InstalledAppFlow, "run_local_server", refuse)
 
 
-class TokenEndpoint(ThreadingHTTPServer):
-    """Stands in for Google's OAuth token endpoint: every POST gets `status` and `answer`."""
-
-    daemon_threads = True
-
-    def __init__(self) -> None:
-        self.status, self.answer, self.posts = 400, REVOKED, 0
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(handler) -> None:  # noqa: N805 - `self` is the server here
-                handler.rfile.read(int(handler.headers.get("Content-Length") or 0))
-                self.posts += 1
-                body = json.dumps(self.answer).encode()
-                handler.send_response(self.status)
-                handler.send_header("Content-Type", "application/json")
-                handler.send_header("Content-Length", str(len(body)))
-                handler.end_headers()
-                handler.wfile.write(body)
-
-            def log_message(handler, *args) -> None:  # noqa: N805
-                pass
-
-        super().__init__(("127.0.0.1", 0), Handler)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/token"
-
-
 @pytest.fixture
 def token_endpoint(monkeypatch):
-    """A local token endpoint. google-auth ignores an authorized-user file's token_uri and
-    always refreshes at Google's address, so that address is pointed here too."""
-    import google.oauth2.credentials
-
-    endpoint = TokenEndpoint()
-    monkeypatch.setattr(google.oauth2.credentials, "_GOOGLE_OAUTH2_TOKEN_ENDPOINT", endpoint.url)
-    thread = threading.Thread(target=endpoint.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield endpoint
-    endpoint.shutdown()
-    endpoint.server_close()
+    """A loopback token endpoint (see conftest) that answers every refresh: token revoked."""
+    yield from serve_token_endpoint(monkeypatch, 400, REVOKED)
 
 
 @pytest.fixture

@@ -21,14 +21,12 @@ import re
 import stat
 import subprocess
 import sys
-import threading
 import types
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
-from conftest import PASSWORD, WHS_9, email
+from conftest import PASSWORD, WHS_9, TokenEndpoint, email, serve_token_endpoint
 import student_sync
 from testkit import district
 
@@ -152,49 +150,12 @@ def windows(monkeypatch):
     return fake
 
 
-class TokenEndpoint(ThreadingHTTPServer):
-    """Google's OAuth token endpoint on the loopback: answers every refresh with a new token."""
-
-    daemon_threads = True
-
-    def __init__(self) -> None:
-        self.posts = 0
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(handler) -> None:  # noqa: N805 - `self` is the server here
-                handler.rfile.read(int(handler.headers.get("Content-Length") or 0))
-                self.posts += 1
-                body = json.dumps({"access_token": NEW_ACCESS_TOKEN, "expires_in": 3599,
-                                   "token_type": "Bearer", "scope": " ".join(student_sync.SCOPES)}).encode()
-                handler.send_response(200)
-                handler.send_header("Content-Type", "application/json")
-                handler.send_header("Content-Length", str(len(body)))
-                handler.end_headers()
-                handler.wfile.write(body)
-
-            def log_message(handler, *args) -> None:  # noqa: N805
-                pass
-
-        super().__init__(("127.0.0.1", 0), Handler)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/token"
-
-
 @pytest.fixture
 def token_endpoint(monkeypatch):
-    """A loopback token endpoint.  google-auth (2.63) replaces an authorized-user file's
-    token_uri with Google's address when it loads the file, so that address points here."""
-    import google.oauth2.credentials
-
-    endpoint = TokenEndpoint()
-    monkeypatch.setattr(google.oauth2.credentials, "_GOOGLE_OAUTH2_TOKEN_ENDPOINT", endpoint.url)
-    thread = threading.Thread(target=endpoint.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield endpoint
-    endpoint.shutdown()
-    endpoint.server_close()
+    """A loopback token endpoint (see conftest) that answers every refresh with a new token."""
+    answer = {"access_token": NEW_ACCESS_TOKEN, "expires_in": 3599, "token_type": "Bearer",
+              "scope": " ".join(student_sync.SCOPES)}
+    yield from serve_token_endpoint(monkeypatch, 200, answer)
 
 
 def expired_token(sync, endpoint: TokenEndpoint) -> Path:
