@@ -10,7 +10,7 @@ from __future__ import annotations
 import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, TypeVar
 
 
 class TrackedServer(ThreadingHTTPServer):
@@ -67,3 +67,38 @@ def stop_serving(httpd: TrackedServer, thread: threading.Thread | None) -> None:
                 pass
     if thread:
         thread.join(timeout=5)
+
+
+_S = TypeVar("_S", bound="Serving")
+
+
+class Serving:
+    """start/stop and ``with`` for a test server that serves on its own thread: the class
+    sets ``_host``, ``_port``, ``_httpd`` (None), ``_thread`` (None) and ``_thread_name``, and
+    builds its HTTP server in ``_make_httpd``."""
+
+    _host: str
+    _port: int
+    _httpd: TrackedServer | None
+    _thread: threading.Thread | None
+    _thread_name = "test-server"
+
+    def _make_httpd(self) -> TrackedServer:
+        raise NotImplementedError
+
+    def start(self: _S) -> _S:
+        if self._httpd is None:
+            self._httpd = self._make_httpd()
+            self._thread = serve(self._httpd, self._thread_name)
+        return self
+
+    def stop(self) -> None:
+        httpd, self._httpd = self._httpd, None
+        if httpd is not None:
+            stop_serving(httpd, self._thread)
+
+    def __enter__(self: _S) -> _S:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

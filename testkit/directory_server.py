@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from testkit._http import TrackedHandler, TrackedServer, serve, stop_serving
+from testkit._http import Serving, TrackedHandler, TrackedServer
 
 __all__ = ["DirectoryServer", "FaultPlan", "Recorded"]
 
@@ -1258,7 +1258,7 @@ class _RequestHandler(TrackedHandler):
             self.wfile.write(response.body)
 
 
-class DirectoryServer:
+class DirectoryServer(Serving):
     """A local Directory API for one customer and domain; see the module docstring."""
 
     def __init__(self, domain: str = "d118.org", latency_ms: float = 0, *,
@@ -1280,23 +1280,11 @@ class DirectoryServer:
         # applying) -- or None to leave the call to ``faults``. It may also act (sleep, signal).
         self.hook: Callable[[str, str], tuple[int | str | None, bool] | None] | None = None
 
-    # lifecycle -------------------------------------------------------------------------------
-    def start(self) -> "DirectoryServer":
-        if self._httpd is None:
-            self._httpd = _HttpServer((self._host, self._port), self)
-            self._thread = serve(self._httpd, "directory-server")
-        return self
+    # lifecycle (start, stop and ``with`` come from testkit._http.Serving) ----------------------
+    _thread_name = "directory-server"
 
-    def stop(self) -> None:
-        httpd, self._httpd = self._httpd, None
-        if httpd is not None:
-            stop_serving(httpd, self._thread)
-
-    def __enter__(self) -> "DirectoryServer":
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+    def _make_httpd(self) -> "_HttpServer":
+        return _HttpServer((self._host, self._port), self)
 
     @property
     def port(self) -> int:

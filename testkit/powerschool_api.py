@@ -57,7 +57,7 @@ from pathlib import Path
 from typing import Any, Iterable
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from testkit._http import TrackedHandler, TrackedServer, serve, stop_serving
+from testkit._http import Serving, TrackedHandler, TrackedServer
 
 __all__ = ["PowerSchoolApiServer", "Recorded", "Fault", "PLUGIN_XML", "read_grants"]
 
@@ -330,7 +330,7 @@ class _Handler(TrackedHandler):
     do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = _serve
 
 
-class PowerSchoolApiServer:
+class PowerSchoolApiServer(Serving):
     """A local PowerSchool plugin API over a SQLite copy; see the module docstring."""
 
     def __init__(self, database: Path | str, *, client_id: str = "5c1b2f44-9d3e-4c51-a0f7-0f2d3c4b5a61",
@@ -358,23 +358,11 @@ class PowerSchoolApiServer:
         self._httpd: _HttpServer | None = None
         self._thread: threading.Thread | None = None
 
-    # lifecycle -------------------------------------------------------------------------------
-    def start(self) -> "PowerSchoolApiServer":
-        if self._httpd is None:
-            self._httpd = _HttpServer((self._host, self._port), self)
-            self._thread = serve(self._httpd, "powerschool-api")
-        return self
+    # lifecycle (start, stop and ``with`` come from testkit._http.Serving) ----------------------
+    _thread_name = "powerschool-api"
 
-    def stop(self) -> None:
-        httpd, self._httpd = self._httpd, None
-        if httpd is not None:
-            stop_serving(httpd, self._thread)
-
-    def __enter__(self) -> "PowerSchoolApiServer":
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+    def _make_httpd(self) -> "_HttpServer":
+        return _HttpServer((self._host, self._port), self)
 
     @property
     def url(self) -> str:
