@@ -395,12 +395,23 @@ def _apply_fields(value: Any, tree: FieldTree | None) -> Any:
     return result
 
 
-def _parse_fields(text: str | None, schema: str | None) -> FieldTree | None:
+def _parse_fields(text: str | None, schema: str | None,
+                  schemas: dict[str, dict[str, str | None]] | None = None) -> FieldTree | None:
     if text is None or text.strip() == "":
         return None
     tree = _FieldParser(text).parse()
-    _check_fields(tree, schema)
+    _check_fields(tree, schema, schemas)
     return tree
+
+
+def _json_answer(status: int, payload: Any, fields: FieldTree | None,
+                 query: dict[str, str]) -> _Response:
+    """A call's answer: no body for None, else the payload cut to ``fields``, pretty-printed
+    unless ``prettyPrint=false``."""
+    if payload is None:
+        return _Response(status, b"", None)
+    pretty = query.get("prettyPrint", "true").lower() != "false"
+    return _Response(status, _encode_json(_apply_fields(payload, fields), pretty))
 
 
 # --------------------------------------------------------------------------------------------
@@ -1474,10 +1485,7 @@ class DirectoryServer(Serving):
             status, payload = handler(_Call(method, query, body, params))
         except ApiError as error:
             return _error_response(error)
-        if payload is None:
-            return _Response(status, b"", None)
-        pretty = query.get("prettyPrint", "true").lower() != "false"
-        return _Response(status, _encode_json(_apply_fields(payload, fields), pretty))
+        return _json_answer(status, payload, fields, query)
 
     def _record(self, method: str, target: str, body: bytes | None, status: int,
                 started: float | None = None) -> None:

@@ -40,8 +40,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 from testkit.directory_server import (
-    ApiError, _FieldParser, _Response, _apply_fields, _check_fields, _decode_token,
-    _encode_json, _encode_token, _error_response, _etag, _int_param)
+    ApiError, _Response, _decode_token, _encode_json, _encode_token, _error_response, _etag,
+    _int_param, _json_answer, _parse_fields)
 
 __all__ = ["Licensing", "LICENSING_PREFIX", "PRODUCTS", "SCOPE"]
 
@@ -230,17 +230,11 @@ class Licensing:
             return _scope_error()
         try:
             handler, schema, params = self._route(method, path)
-            fields = None
-            if query.get("fields", "").strip():
-                fields = _FieldParser(query["fields"]).parse()
-                _check_fields(fields, schema, _SCHEMAS)
+            fields = _parse_fields(query.get("fields"), schema, _SCHEMAS)
             status, payload = handler(params, query, body)
         except ApiError as error:
             return _error_response(error)
-        if payload is None:
-            return _Response(status, b"", None)
-        pretty = query.get("prettyPrint", "true").lower() != "false"
-        return _Response(status, _encode_json(_apply_fields(payload, fields), pretty))
+        return _json_answer(status, payload, fields, query)
 
     def _route(self, method: str, path: str) -> tuple[Callable, str, dict[str, str]]:
         from urllib.parse import unquote
