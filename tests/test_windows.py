@@ -471,6 +471,19 @@ def test_atomic_write_that_fails_keeps_the_old_file_and_removes_the_temporary(tm
     assert [p.name for p in tmp_path.iterdir()] == ["state.json"]
 
 
+def disk_full_for(monkeypatch, prefix: str) -> None:
+    """os.fsync fails as on a full disk (ENOSPC) for a file whose name, seen through /proc,
+    starts with `prefix` (the temporary file an atomic write makes beside its target)."""
+    real_fsync = os.fsync
+
+    def full(descriptor):
+        if Path(f"/proc/self/fd/{descriptor}").resolve().name.startswith(prefix):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(descriptor)
+
+    monkeypatch.setattr(os, "fsync", full)
+
+
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names an open file through /proc")
 def test_school_counts_on_a_full_disk_keep_the_last_figures(sync, monkeypatch):
     sync.student(1013)
@@ -478,14 +491,7 @@ def test_school_counts_on_a_full_disk_keep_the_last_figures(sync, monkeypatch):
     counts = counts_path(sync)
     before = counts.read_text(encoding="utf-8")
     sync.student(1014)
-    real_fsync = os.fsync
-
-    def full(descriptor):
-        if Path(f"/proc/self/fd/{descriptor}").resolve().name.startswith(f".{counts.name}"):
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real_fsync(descriptor)
-
-    monkeypatch.setattr(os, "fsync", full)
+    disk_full_for(monkeypatch, f".{counts.name}")
     result = sync.run("--all")
 
     assert result.code == 2, result.output
@@ -500,14 +506,7 @@ def test_a_plan_file_on_a_full_disk_is_exit_2_naming_the_reason_not_a_defect(syn
     sync.student(1015)
     plan = tmp_path / "night-plan.json"
     plan.write_text("the last reviewed plan\n", encoding="utf-8")
-    real_fsync = os.fsync
-
-    def full(descriptor):
-        if Path(f"/proc/self/fd/{descriptor}").resolve().name.startswith(f".{plan.name}."):
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real_fsync(descriptor)
-
-    monkeypatch.setattr(os, "fsync", full)
+    disk_full_for(monkeypatch, f".{plan.name}.")
     result = sync.run("--all", "--dry-run", "--plan-out", str(plan))
 
     assert result.code == 2, result.output
