@@ -1412,7 +1412,7 @@ class PowerSchoolApi:
                 continue
             if answer.status_code >= 500 or answer.status_code == 429:
                 if attempt + 1 < _API_ATTEMPTS:
-                    time.sleep(_retry_after(answer.headers.get("Retry-After")) or self._backoff(attempt))
+                    time.sleep(self._asked_wait(answer, "/oauth/access_token") or self._backoff(attempt))
                     continue
             break
         if answer.status_code in (400, 401, 403):

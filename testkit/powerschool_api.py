@@ -434,7 +434,7 @@ class PowerSchoolApiServer(Serving):
         if path.rstrip("/") == "/oauth/access_token":
             if method != "POST":
                 return _message(405, "Method Not Allowed")
-            return self._token(headers, body)
+            return self._fault_answer(self._take_fault(path, query)) or self._token(headers, body)
         if not path.startswith("/ws/"):
             return _Answer(404, b"<html><body><h1>404 Not Found</h1></body></html>", HTML_TYPE)
         fault = self._take_fault(path, query)
@@ -442,16 +442,9 @@ class PowerSchoolApiServer(Serving):
             self.expire_tokens()
         self._authorize(headers)
         self._pace()
-        if fault and fault.kind == "status":
-            if fault.status >= 500 and fault.status != 500:
-                return _Answer(fault.status, f"<html><body><h1>{fault.status}</h1></body></html>".encode(),
-                               HTML_TYPE, {"Retry-After": fault.retry_after} if fault.retry_after else {})
-            return _message(fault.status, "Internal Server Error" if fault.status == 500 else "Error")
-        if fault and fault.kind == "429":
-            return _message(429, "Too many requests. Please wait before making another request.",
-                            **{"Retry-After": fault.retry_after or "1"})
-        if fault and fault.kind == "html":
-            return _Answer(200, _SIGN_IN_PAGE, HTML_TYPE)
+        answer = self._fault_answer(fault)
+        if answer is not None:
+            return answer
         if method != "GET":
             return _message(405, "Method Not Allowed")
         if path.rstrip("/") == "/ws/v1/metadata":
@@ -466,6 +459,21 @@ class PowerSchoolApiServer(Serving):
         if rest is not None:
             return self._one(table, rest, query)
         return self._page(table, query, fault.drop if fault and fault.kind == "short" else 0)
+
+    @staticmethod
+    def _fault_answer(fault: Fault | None) -> _Answer | None:
+        """The answer a "status", "429" or "html" fault gives instead of serving; None otherwise."""
+        if fault and fault.kind == "status":
+            if fault.status >= 500 and fault.status != 500:
+                return _Answer(fault.status, f"<html><body><h1>{fault.status}</h1></body></html>".encode(),
+                               HTML_TYPE, {"Retry-After": fault.retry_after} if fault.retry_after else {})
+            return _message(fault.status, "Internal Server Error" if fault.status == 500 else "Error")
+        if fault and fault.kind == "429":
+            return _message(429, "Too many requests. Please wait before making another request.",
+                            **{"Retry-After": fault.retry_after or "1"})
+        if fault and fault.kind == "html":
+            return _Answer(200, _SIGN_IN_PAGE, HTML_TYPE)
+        return None
 
     def _token(self, headers: dict[str, str], body: bytes) -> _Answer:
         form = dict(parse_qsl(body.decode("utf-8", "replace")))

@@ -329,6 +329,17 @@ def test_a_503_asking_for_a_longer_wait_than_a_run_can_give_stops_before_any_cha
     assert not sync.writes() and not any(sync.server.user(email(n)) for n in numbers)
 
 
+def test_a_token_endpoint_asking_for_a_longer_wait_than_a_run_can_give_stops(sync, api):
+    """The token request honours Retry-After under the same bound as the pages: an hour is
+    not slept through, the run says to try later."""
+    numbers = students(sync, 3)
+    api.add_fault("status", r"/oauth/access_token$", status=503, retry_after="3600")
+    result = sync.run("--all")
+    assert result.code == 2, result.output
+    assert "3600 s" in result.output and "try again later" in result.output
+    assert not sync.writes() and not any(sync.server.user(email(n)) for n in numbers)
+
+
 def test_a_page_holding_one_record_as_an_object_is_read_as_one_record(sync, monkeypatch):
     """A lone record may come as an object rather than a one-item list (JSON converted from
     XML does that): the last page of 11 students in pages of 5 holds one."""
