@@ -478,7 +478,12 @@ class Settings:
         """A short name for this settings file, for the files of the logs folder that belong
         to one district's runs (lock, school counts): several settings files can share a
         logs folder without sharing those."""
-        return hashlib.sha256(str(self.path.resolve()).lower().encode()).hexdigest()[:8]
+        return settings_mark(self.path)
+
+
+def settings_mark(path: Path) -> str:
+    """The mark of the settings file at `path` (Settings.instance): its whole path, any case."""
+    return hashlib.sha256(str(Path(path).resolve()).lower().encode()).hexdigest()[:8]
 
 
 # Every key of the settings file: (kind, default).  _REQUIRED marks required keys;
@@ -3674,6 +3679,17 @@ class Applier:
 PLAN_FORMAT = "student_sync plan 1"
 
 
+# A run id: the start time, the mark of the settings file that ran it (none in the ids of runs
+# from before marks existed), and a counter for the second run started in the same second.
+_RUN_ID = re.compile(r"(\d{8}-\d{6})(?:-([0-9a-f]{8}))?(?:-(\d+))?")
+
+
+def run_mark(run_id: Any) -> str | None:
+    """The settings file's mark a run id carries; None for an id from before marks (or no run id)."""
+    match = _RUN_ID.fullmatch(run_id) if isinstance(run_id, str) else None
+    return match.group(2) if match else None
+
+
 def _jsonable(value: Any) -> Any:
     """Plain JSON values from settings records, sets and read-only mappings."""
     if dataclasses.is_dataclass(value):
@@ -4062,6 +4078,15 @@ def read_plan_file(path: Path, settings: Settings) -> tuple[dict[str, Any], list
             f"plan file {path} was made with other settings (fingerprint "
             f"{document.get('settings_fingerprint')}, now {settings_fingerprint(settings)}): "
             "make a new plan with the current settings")
+    # The same rules in another settings file are still another district's record of applied
+    # runs, which is what tells an older plan (a plan from before marks has the fingerprint only).
+    mark = run_mark(document.get("run_id"))
+    if mark is not None and mark != settings.instance:
+        raise StopRun(
+            f"plan file {path} is refused, nothing was changed: it was written by run {document['run_id']}, "
+            f"which carries the mark {mark} of another settings file, and this settings file "
+            f"({settings.path}) has the mark {settings.instance}; apply it with that run's settings file, "
+            "or make a new plan with this one (--dry-run --plan-out FILE)")
     entries = document.get("changes")
     if not isinstance(entries, list):
         raise StopRun(f"plan file {path} has no list of changes")
@@ -4128,16 +4153,68 @@ class Journal:
             stream.writelines(lines)
 
 
+def _settings_in_log(folder: Path, run_id: str) -> str | None:
+    """The settings file that a run's log says the run read (its first, debug, line); None
+    when the log is gone or does not say."""
+    said = re.compile(rf" run {re.escape(run_id)}, settings (.+?), arguments")
+    try:
+        with open(folder / f"student_sync-{run_id}.log", encoding="utf-8", errors="replace") as stream:
+            for line in itertools.islice(stream, 20):
+                match = said.search(line)
+                if match:
+                    return match.group(1)
+    except OSError:
+        pass
+    return None
+
+
+def _not_this_settings_files_run(folder: Path, run_id: str, settings: Settings) -> str | None:
+    """Why this settings file may not undo run `run_id`; None when the run is its own.
+
+    Another settings file sharing the logs folder undoes its own runs: with its scope, its
+    rules and its record of undone runs.  A run from before run ids carried the mark is this
+    settings file's when its log names this settings file by its whole path; when nobody can
+    tell, the administrator says whose it is by giving the journal the mark.
+    """
+    match = _RUN_ID.fullmatch(run_id)
+    base, mark, counter = match.groups()
+    named = _settings_in_log(folder, run_id)
+    refused = f"--undo {run_id} is refused, nothing was changed: "
+    again = f"run the undo with that run's settings file (--config {named or 'FILE'} --undo {run_id})"
+    if mark is not None:
+        if mark == settings.instance:
+            return None
+        return (refused + f"that run carries the mark {mark} of another settings file"
+                + (f" ({named}, as its log says)" if named else "")
+                + f", and this settings file ({settings.path}) has the mark {settings.instance}; " + again)
+    if named is not None and Path(named).is_absolute():
+        if settings_mark(Path(named)) == settings.instance:
+            return None
+        return (refused + f"that run is from before run ids carried the settings file's mark, and its log "
+                          f"says it ran with the settings file {named}, not this one ({settings.path}); " + again)
+    claimed = f"{base}-{settings.instance}" + (f"-{counter}" if counter else "")
+    why = (f"its log names its settings file only as {named}" if named else
+           f"its log student_sync-{run_id}.log is gone or does not name its settings file")
+    return (refused + f"that run is from before run ids carried the settings file's mark, and {why}, so "
+                      f"which settings file ran it cannot be told. If it was this one ({settings.path}), "
+                      f"rename journal-{run_id}.jsonl in {folder} to journal-{claimed}.jsonl and run "
+                      f"--undo {claimed}; otherwise " + again)
+
+
 def read_journal(folder: Path, run_id: str, settings: Settings) -> list[dict[str, Any]]:
-    """A run's journal entries; a journal is input like a plan, and every entry must be a
-    change the rules (or an undo) could have made."""
-    if not re.fullmatch(r"[0-9A-Za-z_-]+", run_id):
+    """A run's journal entries, when the run is this settings file's; a journal is input
+    like a plan, and every entry must be a change the rules (or an undo) could have made."""
+    if not _RUN_ID.fullmatch(run_id):
         raise StopRun(f"{run_id!r} is not a run id (like 20261128-020003-1a2b3c4d)")
     path = folder / f"journal-{run_id}.jsonl"
-    if not path.is_file():
-        known = sorted(p.stem[len("journal-"):] for p in folder.glob("journal-*.jsonl"))[-5:]
+    if run_mark(run_id) in (None, settings.instance) and not path.is_file():
+        known = sorted(p.stem[len("journal-"):] for p in folder.glob(f"journal-*-{settings.instance}*.jsonl")
+                       if run_mark(p.stem[len("journal-"):]) == settings.instance)[-5:]
         raise StopRun(f"no journal for run {run_id} in {folder}"
-                      + (f" (latest runs: {', '.join(known)})" if known else ""))
+                      + (f" (latest runs with this settings file: {', '.join(known)})" if known else ""))
+    problem = _not_this_settings_files_run(folder, run_id, settings)
+    if problem:
+        raise StopRun(problem)
     lines = path.read_text(encoding="utf-8").splitlines()
     last = max((number for number, line in enumerate(lines, start=1) if line.strip()), default=0)
     entries, problems = [], []
