@@ -1340,6 +1340,7 @@ class PowerSchoolApi:
         self._local = threading.local()
         self._sessions: list[Any] = []
         self._token: str | None = None
+        self._tokens_seen: set[str] = set()     # never quoted back from an error answer
         self._expires_at: float | None = None
         self._token_lock = threading.Lock()
         self._renew_lock = threading.Lock()
@@ -1433,6 +1434,7 @@ class PowerSchoolApi:
         lifetime = _as_int(body.get("expires_in"))  # "3600": a string, as PowerSchool sends it
         with self._token_lock:
             self._token = token
+            self._tokens_seen.add(token)
             # Renewed a little before it runs out (a tenth of its life, at most a minute), so
             # that a long read does not meet the 401 at all.
             self._expires_at = (time.monotonic() + lifetime - min(60.0, lifetime / 10)
@@ -1465,16 +1467,28 @@ class PowerSchoolApi:
             raise SourceError(f"PowerSchool: {path} answered with something that is not JSON while "
                               f"reading {what}") from None
 
-    @staticmethod
-    def _message(answer: Any) -> str:
+    def _message(self, answer: Any) -> str:
+        """The server's own words on an error, for a log line: without a token or the secret,
+        which an OAuth server may repeat ("Invalid access token: <token>")."""
         try:
             body = answer.json()
         except ValueError:
-            return re.sub(r"\s+", " ", re.sub(r"<[^>]*>", " ", answer.text)).strip()[:200] or answer.reason
+            text = re.sub(r"\s+", " ", re.sub(r"<[^>]*>", " ", answer.text)).strip()
+            return self._redact(text)[:200] or answer.reason
         if isinstance(body, dict):
             inner = body.get("errorMessage") if isinstance(body.get("errorMessage"), dict) else body
-            return str(inner.get("message") or inner.get("error_description") or inner.get("error") or body)[:300]
-        return str(body)[:300]
+            text = str(inner.get("message") or inner.get("error_description") or inner.get("error") or body)
+        else:
+            text = str(body)
+        return self._redact(text)[:300]
+
+    def _redact(self, text: str) -> str:
+        with self._token_lock:
+            secrets_ = sorted(self._tokens_seen | {self._credentials[1]}, key=len, reverse=True)
+        for secret in secrets_:
+            if secret:
+                text = text.replace(secret, "[hidden]")
+        return text
 
     # requests ----------------------------------------------------------------------------
     def get(self, path: str, params: Mapping[str, Any], *, what: str,

@@ -25,7 +25,10 @@ own ``powerschool-plugin/plugin.xml``): a column not granted answers 403 with
 "NoAccess"}]}``; an unknown column 400 ``Invalid field specified``.  The "minimum time interval
 between API requests per plugin" (``min_interval_ms``) answers 429 with ``Retry-After`` to a
 request that comes too soon.  Faults (``add_fault``): 5xx answers, a token that expires in the
-middle of a read (401), short pages, an HTML page instead of JSON, 429.  Every request is
+middle of a read (401), short pages, an HTML page instead of JSON, 429.  With
+``refusal_names_token`` a refused token is answered ``{"error": "invalid_token",
+"error_description": "Invalid access token: <token>"}``, the token repeated back, as OAuth 2.0
+resource servers commonly answer.  Every request is
 recorded (``requests``), with a ``time.monotonic()`` stamp, and ``latency_ms`` delays each
 answer (the benchmark).
 
@@ -338,8 +341,13 @@ class PowerSchoolApiServer(Serving):
                  plugin_xml: Path | str = PLUGIN_XML, max_page_size: int = 100,
                  token_lifetime: float = 3600.0, min_interval_ms: float = 0.0,
                  latency_ms: float = 0.0, host: str = "127.0.0.1", port: int = 0,
-                 lone_record_as_object: bool = False):
+                 lone_record_as_object: bool = False, refusal_names_token: bool = False):
         self.client_id, self.client_secret = client_id, client_secret
+        # A refused bearer token answered as an OAuth 2.0 resource server commonly does
+        # (RFC 6750 "invalid_token", Spring Security's "Invalid access token: <token>"): the
+        # token itself comes back in the error text.
+        self.refusal_names_token = refusal_names_token
+        self.issued_tokens: list[str] = []           # every token handed out (for tests)
         # A page of one record sends it as an object, not a one-item list, as JSON converted
         # from XML (and some PowerSchool answers) does.
         self.lone_record_as_object = lone_record_as_object
@@ -496,6 +504,7 @@ class PowerSchoolApiServer(Serving):
             else:
                 token, expiry = secrets.token_hex(16), now + self.token_lifetime
                 self._tokens[token] = expiry
+                self.issued_tokens.append(token)
         return _json(200, {"access_token": token, "token_type": "Bearer",
                            "expires_in": str(max(0, int(expiry - now)))},
                      **{"Cache-Control": "no-store"})
@@ -509,8 +518,12 @@ class PowerSchoolApiServer(Serving):
                 del self._tokens[token.strip()]
                 expiry = None
         if expiry is None:
-            raise _Refused(_json(401, {"errorMessage": {"message": "Invalid or expired access token"}},
-                                 **{"WWW-Authenticate": 'Bearer realm="PowerSchool", error="invalid_token"'}))
+            challenge = {"WWW-Authenticate": 'Bearer realm="PowerSchool", error="invalid_token"'}
+            if self.refusal_names_token:
+                raise _Refused(_json(401, {"error": "invalid_token",
+                                           "error_description": f"Invalid access token: {token.strip()}"},
+                                     **challenge))
+            raise _Refused(_json(401, {"errorMessage": {"message": "Invalid or expired access token"}}, **challenge))
 
     def _pace(self) -> None:
         """PowerSchool's minimum time interval between API requests per plugin."""

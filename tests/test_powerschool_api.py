@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from conftest import WHS_9, email
+from conftest import WHS_9, email, logs
 import student_sync
 from testkit import district
 from testkit.directory_server import DirectoryServer
@@ -368,6 +368,28 @@ def test_a_token_refused_again_after_renewal_is_exit_2(sync, api):
     result = sync.run("--all")
     assert result.code == 2
     assert "401" in result.output or "token" in result.output.lower()
+    assert not sync.writes()
+
+
+def test_a_refusal_that_repeats_the_token_never_puts_it_in_the_output_or_log(sync, monkeypatch):
+    """An OAuth resource server may answer a refused token with the token in its error text
+    ("invalid_token", "Invalid access token: <token>"): the run quotes the server, never a
+    token (nor the client secret)."""
+    monkeypatch.setenv("POWERSCHOOL_CLIENT_ID", CLIENT_ID)
+    monkeypatch.setenv("POWERSCHOOL_CLIENT_SECRET", CLIENT_SECRET)
+    students(sync, 6)
+    with start_api(sync, refusal_names_token=True) as server:
+        sync.settings(api_settings(server))
+        server.add_fault("expire", r"/students$", times=20)
+        result = sync.run("--all")
+        tokens = list(server.issued_tokens)
+    assert result.code == 2, result.output
+    assert "401" in result.output and "Invalid access token" in result.output
+    assert len(tokens) >= 2
+    texts = [result.output] + [p.read_text(encoding="utf-8") for p in logs(sync).glob("*.log")]
+    for text in texts:
+        assert not any(token in text for token in tokens)
+        assert CLIENT_SECRET not in text
     assert not sync.writes()
 
 
