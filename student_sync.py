@@ -1033,11 +1033,18 @@ def read_schools(connection: Any) -> dict[int, School]:
                 number=number_value,
                 name=_clean_spaces(name),
                 abbreviation=_clean_spaces(abbreviation),
-                state_excluded=_as_int(excluded) == 1,
+                state_excluded=excluded_from_reporting(excluded),
             )
         return schools
     finally:
         cursor.close()
+
+
+def excluded_from_reporting(value: Any) -> bool:
+    """STATE_EXCLUDEFROMREPORTING as the state-reporting SQL weighs it (`COALESCE(..., 0) = 0`
+    is included): NULL and 0 include the school, any other value (2, "Y") excludes it, so that
+    the scope's schools and the rows read for them agree, whatever the source."""
+    return value is not None and _as_int(value) != 0
 
 
 def resolve_scope(kind: str, schools: Mapping[int, School], buildings: Sequence[int] = ()) -> Scope:
@@ -1303,6 +1310,12 @@ def _api_value(column: str, value: Any) -> Any:
     """A column's value as the database holds it: the API sends text ("12345", "-1")."""
     if value is None or column in _API_TEXT_COLUMNS or not isinstance(value, str):
         return value
+    if column == "student_number":
+        # Read as the rules read STUDENT_NUMBER text (as_student_number: digits only; a
+        # NUMBER column's "-5" too): " 12345", "1e3" or "12345.0" stay text, a bad number
+        # for that row, never a row of another student.
+        digits = value[1:] if value.startswith("-") else value
+        return int(value) if digits.isascii() and digits.isdigit() else value
     number = _as_int(value)
     return number if number is not None else value
 
@@ -1676,12 +1689,10 @@ def open_powerschool_api(settings: Settings) -> PowerSchoolApi:
 
 
 def _api_flag(value: Any) -> bool:
-    """A 0/1 column (STATE_EXCLUDEFROMREPORTING): 1, "1", or a JSON true; NULL is 0."""
+    """STATE_EXCLUDEFROMREPORTING from the API: a JSON true or false, else as the SQL weighs it."""
     if isinstance(value, bool):
         return value
-    if isinstance(value, str) and value.strip().lower() == "true":
-        return True
-    return _as_int(value) == 1
+    return excluded_from_reporting(value)
 
 
 def read_api_schools(api: PowerSchoolApi) -> dict[int, School]:

@@ -1,0 +1,285 @@
+"""Hostile review of the newest paths (licences, the PowerSchool API source) for the defect
+feared most: an account that is not a student of the scope is changed.
+
+- a STUDENT_NUMBER read through the API is read as the SQL path reads it (digits only):
+  " 500301", "5.00301e5" or "500301.0" is a bad row, never a row of student 500301;
+- a school's STATE_EXCLUDEFROMREPORTING other than NULL or 0 (2, "Y") keeps it out of the
+  state-reporting scope from every source, as the SQL's COALESCE(..., 0) = 0 does;
+- the same district, odd rows included, gives the same plan from SQLite, Oracle-shaped SQL and
+  the API, for every kind of scope.
+
+End to end through student_sync.main (see conftest.py) against the local Directory API server,
+the local PowerSchool API server over the same SQLite copy, asserting end states, requests,
+exit codes and log lines.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import student_sync
+from conftest import WHS_9, email
+from testkit import district
+from testkit.powerschool_api import PowerSchoolApiServer
+
+CLIENT_ID, CLIENT_SECRET = "0c5e7a1b-wrongacct-client", "wrongacct-secret-never-shown"
+LMS_7 = district.building_ou("LMS") + "/7th"
+ODD_7 = district.building_ou("ODD") + "/7th"
+
+
+@pytest.fixture
+def api_credentials(monkeypatch):
+    monkeypatch.setenv("POWERSCHOOL_CLIENT_ID", CLIENT_ID)
+    monkeypatch.setenv("POWERSCHOOL_CLIENT_SECRET", CLIENT_SECRET)
+
+
+def serve_api(sync) -> PowerSchoolApiServer:
+    """The local PowerSchool API over the test district's SQLite copy, and settings reading it."""
+    sync.ps.connection.commit()
+    server = PowerSchoolApiServer(sync.folder / "powerschool.sqlite3", client_id=CLIENT_ID,
+                                  client_secret=CLIENT_SECRET, max_page_size=4).start()
+    sync.settings({"powerschool": {"source": "api", "url": server.url, "sqlite": None,
+                                   "max_requests_per_second": 500}})
+    return server
+
+
+class OracleShaped:
+    """A DB-API connection over the SQLite copy answering as python-oracledb does for
+    PowerSchool's NUMBER columns: whole numbers come back as floats."""
+
+    version = "19.0.0.0.0 (Oracle-shaped SQLite)"
+
+    def __init__(self, path: Path):
+        import sqlite3
+        self._connection = sqlite3.connect(path)
+
+    def cursor(self) -> "OracleShaped._Cursor":
+        return OracleShaped._Cursor(self._connection.cursor())
+
+    def close(self) -> None:
+        self._connection.close()
+
+    class _Cursor:
+        arraysize = 100
+
+        def __init__(self, cursor: Any):
+            self._cursor = cursor
+
+        def execute(self, sql: str, binds: Any = None) -> None:
+            self._cursor.execute(sql, binds or {})
+
+        def fetchall(self) -> list:
+            return [self._row(r) for r in self._cursor.fetchall()]
+
+        def fetchmany(self, size: int | None = None) -> list:
+            return [self._row(r) for r in self._cursor.fetchmany(size or self.arraysize)]
+
+        def close(self) -> None:
+            self._cursor.close()
+
+        @staticmethod
+        def _row(row: tuple) -> tuple:
+            return tuple(float(v) if isinstance(v, int) else v for v in row)
+
+
+def plan_of(sync, name: str, scope: tuple[str, ...]) -> dict:
+    """A dry run's plan file (changes, notices, school counts, scope) and its exit code."""
+    path = sync.folder / f"plan-{name}.json"
+    result = sync.run(*scope, "--dry-run", "--as-of", "2026-07-15", "--plan-out", str(path))
+    assert result.code in (0, 1), result.output
+    document = json.loads(path.read_text(encoding="utf-8"))
+    return {"changes": document["changes"], "notices": document["notices"], "code": result.code,
+            "active": document["active_students"], "scope": document["scope"]}
+
+
+def plans_from_every_source(sync, monkeypatch, scope: tuple[str, ...]) -> dict[str, dict]:
+    sync.settings()
+    plans = {"sqlite": plan_of(sync, "sqlite", scope)}
+    with monkeypatch.context() as patched:
+        patched.setattr(student_sync, "connect_powerschool",
+                        lambda settings: OracleShaped(sync.folder / "powerschool.sqlite3"))
+        plans["oracle"] = plan_of(sync, "oracle", scope)
+    with serve_api(sync):
+        plans["api"] = plan_of(sync, "api", scope)
+    sync.settings()
+    return plans
+
+
+def readable(plan: dict) -> list[str]:
+    """A plan as lines, for a failure message worth reading."""
+    return ([f"{c['email']}: {c['detail']}" for c in plan["changes"]]
+            + [f"{n['level']} {n['student_number']}: {n['message']}" for n in plan["notices"]]
+            + [f"active {plan['active']}, code {plan['code']}"])
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. A STUDENT_NUMBER from the API is read as the SQL path reads it
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spelled", [" 500301", "500301 ", "500301.0", "5.00301e5", "+500301",
+                                     "\u0665\u0660\u0660\u0663\u0660\u0661"])
+def test_an_api_student_number_that_is_not_digits_never_brings_another_student_into_scope(
+        sync, api_credentials, spelled):
+    """Student 500301 left WHS (101); a row at LMS (102) whose number only reads as 500301
+    when spaces, a decimal point, an exponent, a sign or other scripts' digits are allowed is
+    bad data for that row.  A run for LMS must not take 500301 into its scope and move him."""
+    sync.student(500301, status=2)
+    sync.account(500301)
+    sync.student(spelled, "Bo", "Ray", status=0, school=102, grade=7)
+    sync.student(500302, school=102, grade=7)
+    sync.account(500302, org_unit=LMS_7, school=102)
+    before = sync.server.user(email(500301))
+
+    with serve_api(sync):
+        sync.server.clear_requests()
+        result = sync.run("--building", "102")
+
+    assert result.code == 1, result.output
+    assert sync.server.user(email(500301)) == before, result.output
+    assert not [r for r in sync.writes() if "500301" in r.path], result.output
+    assert f"STUDENT_NUMBER {spelled!r}" in result.output, result.output
+
+
+def test_a_negative_api_student_number_is_bad_data_as_from_sql(sync, api_credentials):
+    sync.student(-500303, school=102, grade=7)
+    sync.student(500303, status=2)
+    sync.account(500303)
+
+    with serve_api(sync):
+        result = sync.run("--building", "102", "--dry-run")
+
+    assert result.code == 1, result.output
+    assert "STUDENT_NUMBER -500303" in result.output
+    assert "500303@" not in result.output.replace("-500303", "")
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. STATE_EXCLUDEFROMREPORTING other than NULL or 0 excludes, from every source
+# ---------------------------------------------------------------------------------------------
+
+
+def odd_flag_school(sync, flag: Any, students: int = 0) -> None:
+    """School 555 (ODD) flagged `flag`, with its OUs, and `students` active students whose
+    accounts are in step."""
+    sync.ps.execute("INSERT INTO SCHOOLS (SCHOOL_NUMBER, NAME, ABBREVIATION, STATE_EXCLUDEFROMREPORTING) "
+                    "VALUES (555, 'Odd Flag Academy', 'ODD', ?)", (flag,))
+    for grade_ou in set(district.GRADES.values()):
+        sync.server.add_orgunit(district.building_ou("ODD") + grade_ou)
+    for number in range(500400, 500400 + students):
+        sync.student(number, school=555, grade=7)
+        sync.account(number, org_unit=ODD_7, school=555)
+
+
+@pytest.mark.parametrize("flag", [2, "Y"])
+def test_a_school_flagged_other_than_0_or_null_is_outside_the_state_reporting_scope_of_the_api(
+        sync, api_credentials, flag):
+    odd_flag_school(sync, flag)
+    sync.student(500501, school=555, grade=7)
+    sync.account(500501, org_unit=WHS_9, school=101)      # in step for a run that covers 555, it would move
+    before = sync.server.user(email(500501))
+    sync.student(500502)
+    sync.account(500502, org_unit=WHS_9)
+
+    with serve_api(sync):
+        sync.server.clear_requests()
+        result = sync.run("--state-reporting")
+
+    assert result.code == 0, result.output
+    assert sync.server.user(email(500501)) == before, result.output
+    assert sync.writes() == [], result.output
+
+
+@pytest.mark.parametrize("flag", [2, "Y"])
+def test_a_school_flagged_other_than_0_or_null_is_no_school_drop_for_state_reporting(sync, flag):
+    """The SQL never read such a school's rows for --state-reporting, yet counted it in the
+    scope: after an --all run had counted its students, every state-reporting run stopped with
+    exit 3 on a drop to 0."""
+    odd_flag_school(sync, flag, students=25)
+    sync.student(500601)
+    sync.account(500601)
+    assert sync.run("--all").code == 0
+
+    result = sync.run("--state-reporting")
+
+    assert result.code == 0, result.output
+    assert "555" not in result.output, result.output
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. The same district, odd rows included, gives the same plan from every source
+# ---------------------------------------------------------------------------------------------
+
+
+def odd_district(sync) -> None:
+    """Rows of every odd kind, beside school 555 flagged 2 and a District Office (0)."""
+    odd_flag_school(sync, 2)
+    sync.ps.school(0, "District Office", "DO", None)
+    sync.student(2001, first=None)                                   # NULL first name, no account
+    sync.student(2002, last=None)                                    # NULL last name, an account
+    sync.account(2002)
+    sync.student(2003, grade=99)                                     # active in grade 99
+    sync.student(2004, status=3, grade=12, class_of=2026)            # graduated (status 3), in grace
+    sync.account(2004)
+    sync.student(2005, status=2)                                     # transferred out
+    sync.account(2005)
+    sync.student(2006, school=102, grade=7)                          # two rows: active wins
+    sync.student(2006, status=2)
+    sync.account(2006)
+    sync.student(2007, school=777, grade=7)                          # a school SCHOOLS lacks
+    sync.account(2007)
+    sync.student(2008, status=2)                                     # ... beside a row in scope
+    sync.student(2008, school=777, grade=7)
+    sync.account(2008)
+    sync.student(2009, school=0, grade=7)                            # school 0
+    sync.student(2010, school="0", grade=7)
+    sync.student(2011, school=555, grade=7)                          # the oddly flagged school
+    sync.account(2011)
+    sync.student(2012, status="2 ")                                  # numbers as text
+    sync.account(2012)
+    sync.student(2013, status="-1", grade=None)                      # pre-registered, no grade
+    sync.student(2014, school=" 101", grade=" 9")
+    sync.student(2015, school="101.0", grade="9.0")
+    sync.student(2016, status=-2)
+    sync.account(2016)
+    sync.student(2017, class_of="2030.5")
+    sync.student(2018, status=3, school=999999, grade=99, class_of=2025)   # graduated earlier
+    sync.account(2018)
+    sync.student(2019, "Test", "Student")                            # a placeholder: skipped
+    sync.account(2019, suspended=True)
+    sync.student(2020, school=102, grade=7)                          # the same student twice at 102
+    sync.student(2020, school=102, grade=7)
+    sync.student(" 2021", school=102, grade=7)                       # odd student numbers
+    sync.student("2022.0", school=102, grade=7)
+    sync.student("2.023e3", school=102, grade=7)
+    sync.student(-2024, school=102, grade=7)
+    sync.student(2024, status=2)
+    sync.account(2024)
+    sync.student(2025.0, school=102, grade=7)                        # a float, as Oracle sends it
+    sync.student(None, school=102, grade=7)                          # no number at all
+
+
+@pytest.mark.parametrize("scope", [("--all",), ("--state-reporting",), ("--building", "102"),
+                                   ("--building", "101", "555")])
+def test_odd_rows_give_the_same_plan_from_sqlite_oracle_shaped_sql_and_the_api(
+        sync, api_credentials, monkeypatch, scope):
+    odd_district(sync)
+
+    plans = plans_from_every_source(sync, monkeypatch, scope)
+
+    sqlite = plans["sqlite"]
+    assert sqlite["changes"] and sqlite["code"] == 1
+    for name in ("oracle", "api"):
+        other = plans[name]
+        same = {k: v for k, v in other.items() if k != "notices"} == \
+            {k: v for k, v in sqlite.items() if k != "notices"}
+        # Oracle sends whole numbers as floats: its messages may quote -2024.0 for -2024
+        said = [(n["level"], n["email"]) for n in other["notices"]] == \
+            [(n["level"], n["email"]) for n in sqlite["notices"]]
+        assert same and said, f"{name} differs from sqlite:\n" + "\n".join(readable(other)) + \
+            "\n--- sqlite:\n" + "\n".join(readable(sqlite))
+    assert plans["api"]["notices"] == sqlite["notices"]
