@@ -4588,11 +4588,13 @@ def open_run_log(settings: Settings, now: dt.datetime) -> tuple[str, logging.Han
 
 def prune_run_files(settings: Settings) -> None:
     """Keep this settings file's newest `[logging] keep` logs and, apart from them, its newest
-    `keep` journals.  Files of other settings files sharing the logs folder (another mark in
-    the name) are theirs to prune; files named before marks existed are nobody's."""
+    `keep` journals and its newest `keep` plans that safety stops wrote.  Files of other
+    settings files sharing the logs folder (another mark in the name) are theirs to prune;
+    files named before marks existed are nobody's, and so is a plan file named any other way
+    (an administrator's --plan-out)."""
     folder = settings.logging.dir
     mine = re.compile(rf"(\d{{8}}-\d{{6}})-{re.escape(settings.instance)}(?:-(\d+))?")
-    for prefix, suffix in (("student_sync-", ".log"), ("journal-", ".jsonl")):
+    for prefix, suffix in (("student_sync-", ".log"), ("journal-", ".jsonl"), ("plan-", ".json")):
         files = []
         for path in folder.glob(f"{prefix}*{suffix}"):
             match = mine.fullmatch(path.name[len(prefix):-len(suffix)])

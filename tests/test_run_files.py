@@ -180,3 +180,39 @@ def test_a_plan_written_by_another_settings_file_with_the_same_rules_is_refused(
     applied = run_with(sync, other, "--apply-plan", str(plan))
     assert applied.code == 0, applied.output
     assert sync.server.user(email(710051))["suspended"] is True
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Safety-stop plan files are pruned with the logs, each settings file its own
+# ---------------------------------------------------------------------------------------------
+
+
+def plans_of(sync, settings: Path) -> list[Path]:
+    return sorted(logs(sync).glob(f"plan-*-{mark_of(settings)}*.json"))
+
+
+def test_safety_stop_plans_are_pruned_to_the_newest_keep_of_this_settings_file_only(sync, tmp_path):
+    sync.settings({"logging": {"keep": 2}, "safety": {"max_suspensions": 0}})
+    other = other_settings(sync, logging={"keep": 5}, safety={"max_suspensions": 0})
+    withdrawn(sync, [720001])
+    before_marks = logs(sync) / "plan-20261128-020003.json"          # written before run ids had marks
+    chosen = [logs(sync) / "plan-reviewed.json", logs(sync) / "september.json"]   # --plan-out names
+    logs(sync).mkdir(exist_ok=True)
+    before_marks.write_text("{}", encoding="utf-8")
+    for path in chosen:
+        written = sync.run("--all", "--dry-run", "--plan-out", str(path))
+        assert written.code == 3 and path.is_file(), written.output
+    stopped_other = run_with(sync, other, "--all")
+    assert stopped_other.code == 3, stopped_other.output
+
+    mine = []
+    for _ in range(4):
+        stopped = sync.run("--all")
+        assert stopped.code == 3, stopped.output
+        mine.append(Path(re.search(r"The plan is in (\S+) ", stopped.output).group(1)))
+
+    assert plans_of(sync, sync.settings_path) == sorted(mine[-2:])
+    assert len(plans_of(sync, other)) == 1                       # the other settings file's, kept
+    assert before_marks.is_file()
+    assert all(path.is_file() for path in chosen)
+    assert sync.server.user(email(720001))["suspended"] is False
