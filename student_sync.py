@@ -327,6 +327,9 @@ def _as_int(value: Any) -> int | None:
     """A whole number from an int, integral float or Decimal, or numeric text; else None."""
     if isinstance(value, (str, bytes)):
         text = value.decode() if isinstance(value, bytes) else value
+        digits = text[1:] if text[:1] == "-" else text
+        if digits.isascii() and digits.isdigit():  # the usual "12345" or "-1", without Decimal's cost
+            return int(text)
         try:
             value = decimal.Decimal(text.strip())
         except decimal.InvalidOperation:

@@ -12,7 +12,14 @@ One synthetic district (``testkit.district.build_synthetic_district``: N active 
            through a connection that waits the latency on every round trip (execute, and every
            fetch of 5,000 rows), as a database across a network would.
   google   the Directory read (users.list, 500 a page, two ends at once, and the OU list) against
-           the local Directory API server, at the SPEC's default 35 requests a second.
+           the local Directory API server, at the SPEC's default 35 requests a second; once at
+           each of ``--google-latency-ms`` (default 50 and 100: the same latency as PowerSchool's,
+           and the 100 ms a call at which the project's 100,000-student Directory target is set).
+
+SPEC section 9 asks that the API read at 50 ms a request take less time than the Google read of
+the same district; both reads overlap in a run, so the API read then adds nothing to a night.
+The last lines say, for the default ``max_requests_per_second`` of 10, against which Google read
+it holds.
 
 Usage::
 
@@ -96,11 +103,42 @@ class _SlowConnection:
         self._connection.close()
 
 
+def _google_client(ss: Any, settings: Any) -> Any:
+    policy = ss.RetryPolicy(limiter=ss.RateLimiter(settings.google.max_requests_per_second))
+    client = ss.DirectoryClient(settings, ss.google_credentials(settings), policy)
+    client.resource("users")  # the client's build is start-up, as for the others' imports
+    return client
+
+
+def read_phase(ss: Any, settings: Any, source: str, latency_ms: float) -> dict[str, Any]:
+    """A run's whole read, as run_sync does it: PowerSchool's schools, then the Google
+    listing started and the students read while it goes on."""
+    client = _google_client(ss, settings)
+    started = time.perf_counter()
+    if source == "api":
+        connection = ss.open_powerschool_api(settings)
+        read_schools, read_students = ss.read_api_schools, ss.read_api_students
+    else:
+        connection = _SlowConnection(ss.connect_powerschool(settings), latency_ms / 1000)
+        read_schools, read_students = ss.read_schools, ss.read_students
+    schools = read_schools(connection)
+    scope = ss.resolve_scope("all", schools)
+    with ss.DirectoryRead(client, settings) as reading:
+        rows = read_students(connection, scope, schools)
+        powerschool_done = time.perf_counter() - started
+        accounts = reading.result().accounts
+    connection.close()
+    return {"kind": f"phase-{source}", "wall_s": time.perf_counter() - started, "rows": len(rows),
+            "accounts": len(accounts), "powerschool_s": powerschool_done}
+
+
 def child(kind: str, config: Path, latency_ms: float) -> dict[str, Any]:
     import student_sync as ss
 
     settings = ss.load_settings(config)
-    started = time.perf_counter()
+    if kind.startswith("phase-"):
+        return read_phase(ss, settings, kind.removeprefix("phase-"), latency_ms)
+    started, cpu = time.perf_counter(), time.process_time()
     if kind == "api":
         with ss.open_powerschool_api(settings) as api:
             schools = ss.read_api_schools(api)
@@ -115,14 +153,13 @@ def child(kind: str, config: Path, latency_ms: float) -> dict[str, Any]:
         connection.close()
         extra = {"requests": connection.trips[0]}
     else:
-        policy = ss.RetryPolicy(limiter=ss.RateLimiter(settings.google.max_requests_per_second))
-        client = ss.DirectoryClient(settings, ss.google_credentials(settings), policy)
-        client.resource("users")
-        started = time.perf_counter()  # the client's build is start-up, as for the others' imports
+        client = _google_client(ss, settings)
+        started, cpu = time.perf_counter(), time.process_time()
         with ss.DirectoryRead(client, settings) as reading:
             rows = reading.result().accounts
         extra = {}
-    return {"kind": kind, "wall_s": time.perf_counter() - started, "rows": len(rows), **extra}
+    return {"kind": kind, "wall_s": time.perf_counter() - started, "cpu_s": time.process_time() - cpu,
+            "rows": len(rows), **extra}
 
 
 # --------------------------------------------------------------------------------------------
@@ -140,6 +177,17 @@ def run_child(kind: str, config: Path, latency_ms: float, timeout: float) -> dic
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def api_server(database: Path, args: argparse.Namespace) -> PowerSchoolApiServer:
+    return PowerSchoolApiServer(database, client_id=CLIENT["POWERSCHOOL_CLIENT_ID"],
+                                client_secret=CLIENT["POWERSCHOOL_CLIENT_SECRET"],
+                                max_page_size=args.page_size, latency_ms=args.latency_ms)
+
+
+def api_settings(folder: Path, directory: DirectoryServer, api: PowerSchoolApiServer, rate: float) -> Path:
+    return write_settings(folder / f"api-{rate:g}.toml", directory.url, {
+        "powerschool": {"source": "api", "url": api.url, "sqlite": None, "max_requests_per_second": rate}})
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python bench/bench_powerschool.py", description=__doc__.splitlines()[0])
     parser.add_argument("--students", type=int, default=100_000)
@@ -149,8 +197,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--api-rates", default="10,20",
                         help="[powerschool] max_requests_per_second values to try (default 10,20)")
     parser.add_argument("--google-rps", type=float, default=35.0)
+    parser.add_argument("--google-latency-ms", default="50,100",
+                        help="latencies of the Google directory reads, comma-separated (default 50,100)")
     parser.add_argument("--timeout", type=float, default=900.0)
-    parser.add_argument("--child", choices=("api", "sql", "google"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=("api", "sql", "google", "phase-api", "phase-sql"),
+                        help=argparse.SUPPRESS)
     parser.add_argument("--config", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -167,43 +218,83 @@ def main(argv: Sequence[str] | None = None) -> int:
         gc.collect()
         gc.freeze()
         directory.start()
-        results = []
+        results: list[dict[str, Any]] = []
+        phases: list[dict[str, Any]] = []
         sql_config = write_settings(folder / "sql.toml", directory.url, {
             "powerschool": {"sqlite": str(database)},
             "google": {"max_requests_per_second": args.google_rps}})
+        google_latencies = [float(v) for v in args.google_latency_ms.split(",") if v.strip()]
         for rate in [float(r) for r in args.api_rates.split(",") if r.strip()]:
-            with PowerSchoolApiServer(database, client_id=CLIENT["POWERSCHOOL_CLIENT_ID"],
-                                      client_secret=CLIENT["POWERSCHOOL_CLIENT_SECRET"],
-                                      max_page_size=args.page_size, latency_ms=args.latency_ms) as api:
-                config = write_settings(folder / f"api-{rate:g}.toml", directory.url, {
-                    "powerschool": {"source": "api", "url": api.url, "sqlite": None,
-                                    "max_requests_per_second": rate}})
+            with api_server(database, args) as api:
+                config = api_settings(folder, directory, api, rate)
                 result = run_child("api", config, args.latency_ms, args.timeout)
                 result["label"] = f"PowerSchool API, {rate:g} requests/s, pages of {args.page_size:,}"
+                result["rate"] = rate
                 result["server_requests"] = len(api.requests)
                 results.append(result)
         result = run_child("sql", sql_config, args.latency_ms, args.timeout)
         result["label"] = "Oracle-shaped SQL on the SQLite copy (round trips)"
         results.append(result)
-        directory.clear_requests()
-        result = run_child("google", sql_config, args.latency_ms, args.timeout)
-        result["label"] = f"Google directory read, {args.google_rps:g} requests/s, pages of 500"
-        result["server_requests"] = len(directory.requests)
-        results.append(result)
+        for latency in google_latencies:
+            directory.latency_ms = latency
+            directory.clear_requests()
+            result = run_child("google", sql_config, latency, args.timeout)
+            result["label"] = f"Google directory read, {args.google_rps:g} requests/s, pages of 500"
+            result["latency_ms"] = latency
+            result["server_requests"] = len(directory.requests)
+            results.append(result)
+        # The whole read of a run, as run_sync overlaps it, for each source, at the default rate.
+        with api_server(database, args) as api:
+            api_config = api_settings(folder, directory, api, 10)
+            for latency in google_latencies:
+                directory.latency_ms = latency
+                for source, config in (("sql", sql_config), ("api", api_config)):
+                    result = run_child(f"phase-{source}", config, args.latency_ms, args.timeout)
+                    result["google_latency_ms"] = latency
+                    phases.append(result)
     finally:
         directory.stop()
         gc.unfreeze()
         shutil.rmtree(folder, ignore_errors=True)
 
-    print(f"| read ({args.students:,} students, {args.latency_ms:g} ms a request) | wall s | requests | rows |")
-    print("| --- | ---: | ---: | ---: |")
+    print(f"| read ({args.students:,} students) | ms a request | wall s | CPU s | requests | rows |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for r in results:
+        latency = f"{r.get('latency_ms', args.latency_ms):g}"
         if "error" in r:
-            print(f"| {r['label']} | failed: {r['error']} | | |")
+            print(f"| {r['label']} | {latency} | failed: {r['error']} | | | |")
             continue
         requests = r.get("server_requests", r.get("requests"))
-        print(f"| {r['label']} | {r['wall_s']:.2f} | {requests:,} | {r['rows']:,} |")
-    return 1 if any("error" in r for r in results) else 0
+        print(f"| {r['label']} | {latency} | {r['wall_s']:.2f} | {r['cpu_s']:.2f} | {requests:,} | {r['rows']:,} |")
+    print()
+    print(f"| a run's whole read ({args.students:,} students; PowerSchool at {args.latency_ms:g} ms, the API at "
+          "10 requests/s) | Google ms a request | PowerSchool read done at s | whole read s |")
+    print("| --- | ---: | ---: | ---: |")
+    for r in phases:
+        source = "PowerSchool API" if r["kind"] == "phase-api" else "Oracle-shaped SQL"
+        if "error" in r:
+            print(f"| {source} | {r['google_latency_ms']:g} | failed: {r['error']} | |")
+            continue
+        print(f"| {source}, then students while Google's listing runs | {r['google_latency_ms']:g} | "
+              f"{r['powerschool_s']:.2f} | {r['wall_s']:.2f} |")
+    print()
+    for line in verdicts(results):
+        print(line)
+    return 1 if any("error" in r for r in [*results, *phases]) else 0
+
+
+def verdicts(results: Sequence[dict[str, Any]]) -> list[str]:
+    """SPEC section 9's comparison, for the API read at the default 10 requests a second."""
+    api = next((r for r in results if r["kind"] == "api" and "error" not in r and r.get("rate") == 10), None)
+    if api is None:
+        return ["(no API read at the default 10 requests/s to compare)"]
+    lines = []
+    for google in (r for r in results if r["kind"] == "google" and "error" not in r):
+        holds = api["wall_s"] < google["wall_s"]
+        lines.append(f"API read at 10 requests/s: {api['wall_s']:.2f} s "
+                     f"{'<' if holds else '>='} Google read at {google['latency_ms']:g} ms a request: "
+                     f"{google['wall_s']:.2f} s ({'holds' if holds else 'does not hold'})")
+    return lines
 
 
 if __name__ == "__main__":

@@ -499,3 +499,30 @@ def test_safety_invariants(case):
         check_frozen_ou_holds(account, change)
         check_ous_exist(directory.org_units, change)
         check_suspension(account, plan_, change)
+
+
+# ---------------------------------------------------------------------------
+# Numbers read as text (the PowerSchool API sends every value as a string)
+# ---------------------------------------------------------------------------
+
+
+def _decimal_reading(text: str) -> int | None:
+    """The reading of numeric text that _as_int's fast path for plain digits must agree with."""
+    import decimal
+
+    try:
+        value = decimal.Decimal(text.strip())
+    except decimal.InvalidOperation:
+        return None
+    return int(value) if value.is_finite() and value == value.to_integral_value() else None
+
+
+@given(text=st.one_of(st.integers(-10**20, 10**20).map(str),
+                      st.text(alphabet="0123456789-+. e\u00b2\u0661\uff11", max_size=8)))
+@example(text="-")
+@example(text="-0")
+@example(text="0012")
+@example(text="\u00b2")    # a superscript two: a digit to str.isdigit, not a number
+def test_numeric_text_reads_the_same_with_or_without_the_fast_path(text):
+    assert ss._as_int(text) == _decimal_reading(text)
+    assert ss._as_int(text.encode()) == _decimal_reading(text)
