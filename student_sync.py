@@ -1323,16 +1323,34 @@ def _api_value(column: str, value: Any) -> Any:
     return number if number is not None else value
 
 
-def _missing_field(body: Any, text: str, columns: Iterable[str]) -> str | None:
-    """The column a 403 names: errors[].field, else a requested column in the message."""
-    if isinstance(body, dict):
-        for error in body.get("errors") or ():
-            if isinstance(error, dict) and error.get("field"):
-                resource = str(error.get("resource") or "").upper()
-                return (f"{resource}." if resource else "") + str(error["field"]).upper()
+def _missing_field(body: Any, text: str, table: str, columns: Iterable[str]) -> str | None:
+    """The "TABLE.COLUMN" a 403 names, however the answer words it: errors[].field (a bare
+    column or TABLE.COLUMN), else a TABLE.COLUMN or "field X" in the messages, else a
+    requested column that the messages mention."""
+    def qualified(name: str) -> str:
+        owner, _, column = name.strip().strip("'\"").rpartition(".")
+        return f"{(owner or table).upper()}.{column.upper()}"
+
+    errors = body.get("errors") if isinstance(body, dict) else None
+    errors = [errors] if isinstance(errors, dict) else errors if isinstance(errors, list) else []
+    errors = [e for e in errors if isinstance(e, dict)]
+    for error in errors:
+        for key in ("field", "column", "fieldName"):
+            if isinstance(error.get(key), str) and error[key].strip():
+                return qualified(error[key])
+    texts = [text] + [" ".join(str(e.get(k) or "") for k in ("message", "code")) for e in errors]
+    known = set(columns) | set(_API_TABLES.get(table, ())) | {"id", "dcid"}
+    for words in texts:
+        match = re.search(rf"(?<![A-Za-z0-9_])({'|'.join(_API_TABLES)})\.([A-Za-z0-9_]+)", words, re.IGNORECASE)
+        if match:
+            return qualified(match.group(0))
+        match = re.search(r"\bfields?\b\W{0,3}([A-Za-z0-9_]+)", words, re.IGNORECASE)
+        if match and match.group(1).lower() in known:
+            return qualified(match.group(1))
     for column in sorted(columns, key=len, reverse=True):
-        if re.search(rf"(?<![A-Za-z0-9_]){re.escape(column)}(?![A-Za-z0-9_])", text, re.IGNORECASE):
-            return column.upper()
+        if any(re.search(rf"(?<![A-Za-z0-9_]){re.escape(column)}(?![A-Za-z0-9_])", words, re.IGNORECASE)
+               for words in texts):
+            return qualified(column)
     return None
 
 
@@ -1585,7 +1603,8 @@ class PowerSchoolApi:
         except ValueError:
             body = None
         message = self._message(answer)
-        field_name = _missing_field(body, message, columns)
+        table = re.sub(r"^/ws/schema/table/([^/]+).*$", r"\1", path).lower()
+        field_name = _missing_field(body, message, table, columns)
         if field_name:
             return (f"PowerSchool: the plugin has no access to the field {field_name} (HTTP 403 from {path}: "
                     f"{message}). Install the plugin.xml of powerschool-plugin/ (it grants ViewOnly on every "

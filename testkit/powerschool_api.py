@@ -22,7 +22,9 @@ that ``testkit.district`` builds (PowerSchool's table and column names):
 The field access check reads the ``access_request`` of a plugin.xml (by default the project's
 own ``powerschool-plugin/plugin.xml``): a column not granted answers 403 with
 ``{"message": "No access to the field ...", "errors": [{"resource", "field", "code":
-"NoAccess"}]}``; an unknown column 400 ``Invalid field specified``.  The "minimum time interval
+"NoAccess"}]}`` (``forbidden_body`` gives other shapes: "message" alone, "qualified" with
+``TABLE.COLUMN`` in ``field``, "error-message" naming it in an error's ``message``); an unknown
+column 400 ``Invalid field specified``.  The "minimum time interval
 between API requests per plugin" (``min_interval_ms``) answers 429 with ``Retry-After`` to a
 request that comes too soon.  Faults (``add_fault``): 5xx answers, a token that expires in the
 middle of a read (401), short pages, an HTML page instead of JSON, 429.  With
@@ -198,9 +200,10 @@ _SQL_OPS = {"==": "=", "!=": "<>", "=gt=": ">", "=ge=": ">=", "=lt=": "<", "=le=
 class _Tables:
     """Reads the SQLite copy: columns, grants, counts and pages."""
 
-    def __init__(self, database: Path, grants: set[tuple[str, str]]):
+    def __init__(self, database: Path, grants: set[tuple[str, str]], forbidden_body: str = "errors"):
         self.database = Path(database)
         self.grants = grants
+        self.forbidden_body = forbidden_body
         self._local = threading.local()
         self.columns: dict[str, list[str]] = {}
         with sqlite3.connect(f"{self.database.as_uri()}?mode=ro", uri=True) as connection:
@@ -243,10 +246,22 @@ class _Tables:
             raise _Refused(_message(400, f"Invalid field specified: {name.strip()} is not valid column "
                                          f"for table: {TABLES[table][1]}"))
         if (table, column) not in self.grants:
-            raise _Refused(_json(403, {
-                "message": f"No access to the field {TABLES[table][0]}.{column.upper()} ({purpose})",
-                "errors": [{"resource": TABLES[table][1], "field": column, "code": "NoAccess"}]}))
+            raise _Refused(_json(403, self.no_access(table, column, purpose)))
         return column
+
+    def no_access(self, table: str, column: str, purpose: str) -> dict[str, Any]:
+        """The 403 body for a column the plugin lacks, in the shape `forbidden_body` names."""
+        qualified = f"{TABLES[table][0]}.{column.upper()}"
+        if self.forbidden_body == "message":        # the words only
+            return {"message": f"No access to the field {qualified}"}
+        if self.forbidden_body == "qualified":      # errors[].field as TABLE.COLUMN
+            return {"message": "Forbidden", "errors": [{"resource": table, "field": qualified,
+                                                        "code": "No access to the field"}]}
+        if self.forbidden_body == "error-message":  # the field named in an error's message
+            return {"message": "Validation Failed",
+                    "errors": [{"resource": TABLES[table][1], "message": f"No access to the field {column}"}]}
+        return {"message": f"No access to the field {qualified} ({purpose})",
+                "errors": [{"resource": TABLES[table][1], "field": column, "code": "NoAccess"}]}
 
     def projection(self, table: str, text: str | None) -> list[str]:
         parts = [p.strip() for p in (text or "*").split(",") if p.strip()]
@@ -341,7 +356,8 @@ class PowerSchoolApiServer(Serving):
                  plugin_xml: Path | str = PLUGIN_XML, max_page_size: int = 100,
                  token_lifetime: float = 3600.0, min_interval_ms: float = 0.0,
                  latency_ms: float = 0.0, host: str = "127.0.0.1", port: int = 0,
-                 lone_record_as_object: bool = False, refusal_names_token: bool = False):
+                 lone_record_as_object: bool = False, refusal_names_token: bool = False,
+                 forbidden_body: str = "errors"):
         self.client_id, self.client_secret = client_id, client_secret
         # A refused bearer token answered as an OAuth 2.0 resource server commonly does
         # (RFC 6750 "invalid_token", Spring Security's "Invalid access token: <token>"): the
@@ -352,7 +368,7 @@ class PowerSchoolApiServer(Serving):
         # from XML (and some PowerSchool answers) does.
         self.lone_record_as_object = lone_record_as_object
         self.grants = read_grants(plugin_xml)
-        self._tables = _Tables(Path(database), self.grants)
+        self._tables = _Tables(Path(database), self.grants, forbidden_body)
         self.max_page_size = max_page_size
         self.token_lifetime = token_lifetime
         self.min_interval_ms = min_interval_ms

@@ -393,6 +393,25 @@ def test_a_refusal_that_repeats_the_token_never_puts_it_in_the_output_or_log(syn
     assert not sync.writes()
 
 
+@pytest.mark.parametrize("body", ["errors", "message", "qualified", "error-message"])
+def test_a_403_names_the_table_and_column_however_the_answer_words_it(sync, monkeypatch, body):
+    """The field may come in errors[].field (bare or TABLE.COLUMN), in the message alone, or
+    in an error's own message: the run and --check name STUDENTS.CLASSOF, exactly."""
+    monkeypatch.setenv("POWERSCHOOL_CLIENT_ID", CLIENT_ID)
+    monkeypatch.setenv("POWERSCHOOL_CLIENT_SECRET", CLIENT_SECRET)
+    students(sync, 3)
+    with start_api(sync, forbidden_body=body) as server:
+        server.revoke("students", "classof")
+        sync.settings(api_settings(server))
+        run = sync.run("--all")
+        check = sync.run("--check")
+    assert run.code == 2 and check.code == 2
+    assert re.search(r"no access to the field STUDENTS\.CLASSOF\b", run.output), run.output
+    assert re.search(r"FAIL .*no access to STUDENTS\.CLASSOF\b", check.output), check.output
+    assert "STUDENTS.STUDENTS" not in run.output + check.output
+    assert not sync.writes()
+
+
 def test_a_column_the_plugin_lacks_is_exit_2_naming_it(sync, api):
     students(sync, 3)
     api.revoke("students", "classof")
