@@ -2769,6 +2769,13 @@ def _target_ou(row: StudentRow, weighed: RowStatus, settings: Settings) -> str:
     return building + ous.grades[grade]
 
 
+def _placeholder(row: StudentRow, settings: Settings) -> bool:
+    """Is the row's first or last name one of `accounts.bad_names` (a test or placeholder)?"""
+    bad_names = settings.accounts.bad_names
+    return (_clean_spaces(row.first_name).lower() in bad_names
+            or _clean_spaces(row.last_name).lower() in bad_names)
+
+
 def decide(rows: Sequence[StudentRow], settings: Settings,
            today: dt.date) -> tuple[Decision | None, tuple[Notice, ...]]:
     """The district-wide decision for the rows of one student number (SPEC section 3),
@@ -2780,9 +2787,7 @@ def decide(rows: Sequence[StudentRow], settings: Settings,
     def notice(level: Level, message: str) -> None:
         notices.append(Notice(level, str(student_number), email, message))
 
-    bad_names = settings.accounts.bad_names
-    kept = [r for r in rows if _clean_spaces(r.first_name).lower() not in bad_names
-            and _clean_spaces(r.last_name).lower() not in bad_names]
+    kept = [r for r in rows if not _placeholder(r, settings)]
     if not kept:
         notice(Level.SKIP, "skipped: test or placeholder name "
                            f"({_clean_spaces(rows[0].first_name)} {_clean_spaces(rows[0].last_name)})")
@@ -3065,7 +3070,16 @@ def decide_all(rows: Iterable[StudentRow], settings: Settings, today: dt.date, s
         # In a fixed order, so that the same rows give the same plan and messages every night
         # whatever order the database returns them in.
         student_rows = sorted(by_number[number], key=_row_order)
-        if not any(r.school is not None and r.school.number in scope.school_numbers for r in student_rows):
+        in_scope = [r for r in student_rows if r.school is not None and r.school.number in scope.school_numbers]
+        if not in_scope:
+            continue
+        if all(_placeholder(r, settings) for r in in_scope) and not all(_placeholder(r, settings) for r in student_rows):
+            # Rows skipped for a bad name are dropped first (SPEC 3): a placeholder row at a
+            # school of the scope does not bring the student's real rows elsewhere into it.
+            notices.append(Notice(Level.SKIP, str(number), email_for(number, settings), (
+                "skipped: test or placeholder name "
+                f"({_clean_spaces(in_scope[0].first_name)} {_clean_spaces(in_scope[0].last_name)}) on every row "
+                f"at the schools of {scope.describe()}; the student's other rows are at schools outside it")))
             continue
         # Rows whose SCHOOLID names no school belong to no scope and are not weighed,
         # but a NULL or non-numeric SCHOOLID is bad data for the student.

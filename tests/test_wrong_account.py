@@ -6,7 +6,9 @@ feared most: an account that is not a student of the scope is changed.
 - a school's STATE_EXCLUDEFROMREPORTING other than NULL or 0 (2, "Y") keeps it out of the
   state-reporting scope from every source, as the SQL's COALESCE(..., 0) = 0 does;
 - the same district, odd rows included, gives the same plan from SQLite, Oracle-shaped SQL and
-  the API, for every kind of scope.
+  the API, for every kind of scope;
+- a placeholder row (a bad name) at a school of the scope does not bring a student whose real
+  rows are elsewhere into it: rows skipped for a bad name are dropped first (SPEC 3).
 
 End to end through student_sync.main (see conftest.py) against the local Directory API server,
 the local PowerSchool API server over the same SQLite copy, asserting end states, requests,
@@ -283,3 +285,37 @@ def test_odd_rows_give_the_same_plan_from_sqlite_oracle_shaped_sql_and_the_api(
         assert same and said, f"{name} differs from sqlite:\n" + "\n".join(readable(other)) + \
             "\n--- sqlite:\n" + "\n".join(readable(sqlite))
     assert plans["api"]["notices"] == sqlite["notices"]
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. A placeholder row at a school of the scope does not bring a student into it
+# ---------------------------------------------------------------------------------------------
+
+PRODUCT, PLUS = "101031", "1010310008"
+
+
+def test_a_placeholder_row_in_scope_does_not_bring_a_student_of_another_building_into_it(sync):
+    """Rows skipped for a bad name are dropped first (SPEC 3): student 500701's only row at WHS
+    is a "Test Student" placeholder; his real row says he left LMS.  A run for WHS leaves his
+    account and licence alone and says so; the run for LMS suspends him and releases it."""
+    sync.settings({"licenses": {"product_id": PRODUCT, "sku_id": PLUS}})
+    sync.student(500701, "Test", "Student", status=0, school=101)
+    sync.student(500701, "Ann", "Lee", status=2, school=102, grade=7)
+    sync.account(500701, org_unit=LMS_7, school=102)
+    sync.server.licensing.assign(email(500701), PLUS)
+    before = sync.server.user(email(500701))
+    sync.server.clear_requests()
+
+    result = sync.run("--building", "101")
+
+    assert result.code == 0, result.output
+    assert sync.server.user(email(500701)) == before, result.output
+    assert sync.server.licensing.holds(email(500701), PLUS)
+    assert sync.writes() == []
+    assert [line for line in result.output.splitlines() if "500701" in line and "skipped" in line], result.output
+
+    own = sync.run("--building", "102")
+
+    assert own.code == 0, own.output
+    assert sync.server.user(email(500701))["suspended"] is True
+    assert not sync.server.licensing.holds(email(500701), PLUS)
