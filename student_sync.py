@@ -147,6 +147,26 @@ def cannot_write(what: str, path: Path, exc: OSError) -> str:
     return f"cannot write {what} {path} as {account_name()} ({reason}): {fix}"
 
 
+# Files that hold student names and numbers (logs, journals, plans, reports, state files) are
+# created readable by this account only, and so is a folder the tool makes for them.  On Windows
+# a mode bit cannot say that: a file takes its folder's access list, so the logs folder's
+# permissions are what protect them there.
+_OWNER_ONLY_FILE = 0o600
+_OWNER_ONLY_FOLDER = 0o700
+
+
+def owner_only(path: str | os.PathLike, flags: int) -> int:
+    """An opener for open(): a file it creates is this account's only (POSIX); a file that
+    exists keeps its permissions."""
+    return os.open(path, flags, 0o666 if WINDOWS else _OWNER_ONLY_FILE)
+
+
+def make_folder(path: Path) -> None:
+    """Create the folder (and its parents) if missing; the folder itself this account's only
+    (POSIX).  A folder that exists keeps its permissions."""
+    Path(path).mkdir(mode=0o777 if WINDOWS else _OWNER_ONLY_FOLDER, parents=True, exist_ok=True)
+
+
 def write_atomically(path: Path, text: str, *, private: bool = False, attempts: int = 5) -> str | None:
     """Replace the file at `path` with `text`, whole or not at all.
 
@@ -156,15 +176,16 @@ def write_atomically(path: Path, text: str, *, private: bool = False, attempts: 
     refuses a replace while another program (a virus scanner, a backup) has the file open,
     so a refused replace is tried again a few times.
 
-    `private`: readable by this account only (mode 0600; on Windows an access list of this
-    account, Administrators and SYSTEM, set before the file takes its place).  Returns a
-    warning when the file could not be made private; raises OSError when it could not be
-    written.
+    A new file is readable by this account only (mode 0600, as the temporary file is from
+    the start); a file that exists keeps its mode.  `private`: readable by this account
+    only even when it was not (on Windows an access list of this account, Administrators and
+    SYSTEM, set before the file takes its place).  Returns a warning when the file could not
+    be made private; raises OSError when it could not be written.
     """
     import tempfile
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(path.parent)
     descriptor, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     temporary = Path(name)
     warning = None
@@ -175,8 +196,8 @@ def write_atomically(path: Path, text: str, *, private: bool = False, attempts: 
             os.fsync(stream.fileno())
         if private:
             warning = _make_private(temporary)
-        elif not WINDOWS:  # mkstemp's 0600 would hide a shared file from its other readers
-            os.chmod(temporary, stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o644)
+        elif not WINDOWS and path.exists():  # mkstemp's 0600 would hide a shared file from its other readers
+            os.chmod(temporary, stat.S_IMODE(path.stat().st_mode))
         _replace(temporary, path, attempts)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -232,7 +253,7 @@ def try_writing(path: Path, *, folder: bool = False,
     """
     where = path if folder else path.parent
     try:
-        where.mkdir(parents=True, exist_ok=True)
+        make_folder(where)
         if not folder and path.exists() and not path.is_dir():
             with open(path, "a", encoding="utf-8"):
                 pass
@@ -4190,7 +4211,7 @@ class Journal:
     """Every applied change of a run, one JSON line each, in the logs folder."""
 
     def __init__(self, folder: Path, run_id: str, kind: str):
-        folder.mkdir(parents=True, exist_ok=True)
+        make_folder(folder)
         self.path = folder / f"journal-{run_id}.jsonl"
         self.run_id, self.kind = run_id, kind
 
@@ -4210,7 +4231,7 @@ class Journal:
                          time=dt.datetime.now().isoformat(timespec="seconds"),
                          groups_removed=list(outcome.groups_removed), note=note)
             lines.append(json.dumps(entry, ensure_ascii=False) + "\n")
-        with open(self.path, "a", encoding="utf-8") as stream:
+        with open(self.path, "a", encoding="utf-8", opener=owner_only) as stream:
             stream.writelines(lines)
 
 
@@ -4525,8 +4546,8 @@ class RunLock:
 
     def acquire(self) -> None:
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            stream = open(self.path, "a+", encoding="utf-8")
+            make_folder(self.path.parent)
+            stream = open(self.path, "a+", encoding="utf-8", opener=owner_only)
         except OSError as exc:  # a lock file an administrator's run left read-only to this account
             raise StopRun(cannot_write("the run lock", self.path, exc)
                           + "; this run stops without changing anything") from None
@@ -4597,7 +4618,7 @@ def open_run_log(settings: Settings, now: dt.datetime) -> tuple[str, logging.Han
     folder = settings.logging.dir
     base = f"{now:%Y%m%d-%H%M%S}-{settings.instance}"
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        make_folder(folder)
         # After the highest counter of this second in use, so that an id freed by pruning
         # is never given out again, out of order.
         same_second = re.compile(rf"(?:student_sync|journal)-{re.escape(base)}(?:-(\d+))?\.(?:log|jsonl)")
@@ -4608,7 +4629,7 @@ def open_run_log(settings: Settings, now: dt.datetime) -> tuple[str, logging.Han
             if (folder / f"journal-{run_id}.jsonl").exists():
                 continue
             try:
-                open(path, "x", encoding="utf-8").close()
+                open(path, "x", encoding="utf-8", opener=owner_only).close()
                 break
             except FileExistsError:
                 continue
@@ -4768,7 +4789,7 @@ def write_report(path: Path, outcomes: Sequence[Outcome], notices: Sequence[Noti
 
     UTF-8 with a byte-order mark, so that Excel opens it cleanly.
     """
-    with open(path, "w", encoding="utf-8-sig", newline="") as stream:
+    with open(path, "w", encoding="utf-8-sig", newline="", opener=owner_only) as stream:
         writer = _SafeCsvWriter(csv.writer(stream))
         writer.writerow(["student_number", "email", "action", "detail", "result"])
         for outcome in outcomes:

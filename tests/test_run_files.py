@@ -9,10 +9,15 @@ settings files on one server may.
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 from pathlib import Path
 
+import pytest
+
 from conftest import email, logs, run_id_of, withdrawn
+from test_windows import windows  # noqa: F401 - the Windows branch, as a fixture
 import student_sync
 from testkit import district
 
@@ -216,3 +221,87 @@ def test_safety_stop_plans_are_pruned_to_the_newest_keep_of_this_settings_file_o
     assert before_marks.is_file()
     assert all(path.is_file() for path in chosen)
     assert sync.server.user(email(720001))["suspended"] is False
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Files that hold student names and numbers are this account's only (POSIX)
+# ---------------------------------------------------------------------------------------------
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+@pytest.fixture
+def open_umask():
+    """The usual umask, under which a file is created readable by everyone (0644)."""
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+@pytest.fixture
+def replaced(monkeypatch):
+    """The mode of every file as it takes another's place (an atomic write's temporary file)."""
+    seen: list[tuple[str, int]] = []
+    real = os.replace
+
+    def replace(source, target, *args, **kwargs):
+        seen.append((Path(target).name, mode(Path(source))))
+        return real(source, target, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", replace)
+    return seen
+
+
+def test_the_files_a_run_creates_are_readable_by_this_account_only(sync, tmp_path, open_umask, replaced):
+    sync.student(730001)                                      # a create: journal, report, plan
+    report, plan = tmp_path / "out" / "report.csv", tmp_path / "out" / "plan.json"
+    assert not logs(sync).exists()
+
+    dry = sync.run("--all", "--dry-run", "--plan-out", str(plan))
+    result = sync.run("--all", "--report", str(report))
+    withdrawn(sync, [730002, 730003])
+    sync.settings({"safety": {"max_suspensions": 1}})
+    stopped = sync.run("--all")
+
+    assert dry.code == 0 and result.code == 0 and stopped.code == 3, stopped.output
+    assert mode(logs(sync)) == 0o700
+    written = [*logs(sync).glob("student_sync-*.log"), *logs(sync).glob("journal-*.jsonl"),
+               *logs(sync).glob("plan-*.json"), *logs(sync).glob("school_counts-*.json"),
+               *logs(sync).glob("applied_runs-*.json"), report, plan]
+    assert {path.name.split("-")[0] for path in written} >= {"student_sync", "journal", "plan", "school_counts",
+                                                             "applied_runs", "report.csv", "plan.json"}
+    assert {path.name: mode(path) for path in written} == {path.name: 0o600 for path in written}
+    assert replaced and all(seen == 0o600 for _, seen in replaced), replaced
+
+
+def test_a_file_that_exists_keeps_its_permissions_when_rewritten(sync, tmp_path, open_umask):
+    sync.student(730011)
+    report = tmp_path / "report.csv"
+    report.write_text("", encoding="utf-8")
+    report.chmod(0o640)                                     # shared with a group on purpose
+    assert sync.run("--all").code == 0
+    [counts] = logs(sync).glob("school_counts-*.json")
+    counts.chmod(0o644)
+    sync.student(730012)
+
+    result = sync.run("--all", "--report", str(report))
+
+    assert result.code == 0, result.output
+    assert "730012" in report.read_text(encoding="utf-8-sig")
+    assert mode(report) == 0o640
+    assert mode(counts) == 0o644
+
+
+def test_on_windows_the_files_take_the_logs_folders_access_list_unchanged(sync, tmp_path, windows, open_umask):
+    sync.student(730021)
+    report = tmp_path / "report.csv"
+
+    result = sync.run("--all", "--report", str(report))
+
+    assert result.code == 0, result.output
+    assert windows.icacls == []                             # no access list of their own
+    opened = [report, *logs(sync).glob("student_sync-*.log"), *logs(sync).glob("journal-*.jsonl")]
+    assert len(opened) == 3
+    assert [mode(path) for path in opened] == [0o644] * 3   # no POSIX mode asked for either
