@@ -1768,13 +1768,18 @@ def read_api_students(api: PowerSchoolApi, scope: Scope, schools: Mapping[int, S
 
 
 def check_api_access(api: PowerSchoolApi) -> list[str]:
-    """The columns the plugin cannot read ("TABLE.COLUMN"), one small request per column."""
+    """The columns the plugin cannot read ("TABLE.COLUMN"), one small request per column,
+    and the key the paged read sorts on (a read sorted on a column the plugin lacks is
+    refused as surely as one that projects it)."""
     missing = []
     for table, columns in _API_TABLES.items():
-        for column in columns:
+        for column in (*columns, _API_SORT):
+            params = {"projection": column, "page": 1, "pagesize": 1}
+            if column == _API_SORT:
+                params["sort"] = _API_SORT
             try:
-                api.get(f"/ws/schema/table/{table}", {"projection": column, "page": 1, "pagesize": 1},
-                        what=f"{table.upper()}.{column.upper()}", columns=(column,))
+                api.get(f"/ws/schema/table/{table}", params, what=f"{table.upper()}.{column.upper()}",
+                        columns=(column,))
             except SourceError as exc:
                 if "no access" not in str(exc).lower() and "403" not in str(exc):
                     raise
@@ -5120,7 +5125,8 @@ def _check_api(run: Run, api: PowerSchoolApi, check: Callable[[bool, str], None]
             f"PowerSchool: the plugin has no access to {', '.join(missing)}: install the plugin.xml of "
             "powerschool-plugin/ and approve its access request in PowerSchool's Plugin Management")
     count = sum(len(columns) for columns in _API_TABLES.values())
-    check(True, f"PowerSchool plugin has access to every column student_sync reads ({count})")
+    check(True, f"PowerSchool plugin has access to every column student_sync reads ({count}) and to the "
+                f"{_API_SORT.upper()} the pages are sorted on")
 
 
 def _read_powerschool(run: Run, kind: str,

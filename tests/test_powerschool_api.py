@@ -514,6 +514,26 @@ def test_check_names_a_column_the_plugin_lacks(sync, api):
     assert re.search(r"FAIL .*GRADE_LEVEL", result.output, re.IGNORECASE), result.output
 
 
+def test_check_names_the_key_the_paged_read_sorts_on_when_the_plugin_lacks_it(sync, api):
+    """The read sorts every page on ID: --check does not call the plugin's access complete
+    without it, and names it."""
+    students(sync, 2)
+    api.revoke("students", "id")
+    result = sync.run("--check")
+    assert result.code == 2
+    assert re.search(r"FAIL .*no access to STUDENTS\.ID\b", result.output), result.output
+    assert not re.search(r"OK .*access to every column", result.output), result.output
+
+
+def test_the_plugin_grants_the_key_the_read_sorts_on():
+    from testkit.powerschool_api import read_grants
+
+    grants = read_grants()
+    assert {(table, student_sync._API_SORT) for table in student_sync._API_TABLES} <= grants
+    assert grants == {(t, c) for t, columns in student_sync._API_TABLES.items()
+                      for c in (*columns, student_sync._API_SORT)}
+
+
 def test_the_api_reader_gives_the_rows_and_schools_the_sql_gives(tmp_path, monkeypatch):
     """Same School and StudentRow values from the SQL and the API, values turned back from text."""
     import sqlite3
