@@ -345,12 +345,14 @@ def _whole_number(value: Any) -> int | None:
 
 
 def _as_int(value: Any) -> int | None:
-    """A whole number from an int, integral float or Decimal, or numeric text; else None."""
+    """A whole number from an int, integral float or Decimal, or numeric ASCII text; else None."""
     if isinstance(value, (str, bytes)):
         text = value.decode() if isinstance(value, bytes) else value
         digits = text[1:] if text[:1] == "-" else text
         if digits.isascii() and digits.isdigit():  # the usual "12345" or "-1", without Decimal's cost
             return int(text)
+        if not text.isascii():  # Decimal reads other scripts' digits (Arabic-Indic 101); the SQL does not
+            return None
         try:
             value = decimal.Decimal(text.strip())
         except decimal.InvalidOperation:

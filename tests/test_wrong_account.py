@@ -3,6 +3,8 @@ feared most: an account that is not a student of the scope is changed.
 
 - a STUDENT_NUMBER read through the API is read as the SQL path reads it (digits only):
   " 500301", "5.00301e5" or "500301.0" is a bad row, never a row of student 500301;
+- a number column written in another script's digits ("\u0661\u0660\u0661") is bad data, as the SQL
+  reads it, never school 101;
 - a school's STATE_EXCLUDEFROMREPORTING other than NULL or 0 (2, "Y") keeps it out of the
   state-reporting scope from every source, as the SQL's COALESCE(..., 0) = 0 does;
 - the same district, odd rows included, gives the same plan from SQLite, Oracle-shaped SQL and
@@ -30,6 +32,7 @@ from testkit.powerschool_api import PowerSchoolApiServer
 
 CLIENT_ID, CLIENT_SECRET = "0c5e7a1b-wrongacct-client", "wrongacct-secret-never-shown"
 LMS_7 = district.building_ou("LMS") + "/7th"
+ARABIC_101 = "\u0661\u0660\u0661"      # 101 in Arabic-Indic digits: Python's Decimal reads it, SQL does not
 ODD_7 = district.building_ou("ODD") + "/7th"
 
 
@@ -212,6 +215,30 @@ def test_a_school_flagged_other_than_0_or_null_is_no_school_drop_for_state_repor
     assert "555" not in result.output, result.output
 
 
+@pytest.mark.parametrize("source", ["sqlite", "api"])
+def test_a_school_number_in_other_scripts_digits_is_bad_data_never_school_101(sync, api_credentials, source):
+    """Student 500305 left LMS; a row whose SCHOOLID is 101 in Arabic-Indic digits is no row at
+    WHS: a run for WHS leaves him alone, and the district's run fails him loudly, changing nothing."""
+    sync.student(500305, status=2, school=102, grade=7)
+    sync.student(500305, school=ARABIC_101)
+    sync.account(500305, org_unit=LMS_7, school=102)
+    sync.student(500306)
+    sync.account(500306)
+    before = sync.server.user(email(500305))
+    server = serve_api(sync) if source == "api" else None
+    try:
+        building = sync.run("--building", "101")
+        district_wide = sync.run("--all")
+    finally:
+        if server:
+            server.stop()
+
+    assert building.code == 0, building.output
+    assert district_wide.code == 1, district_wide.output
+    assert sync.server.user(email(500305)) == before, district_wide.output
+    assert [line for line in district_wide.output.splitlines() if "500305" in line and "SCHOOLID" in line]
+
+
 # ---------------------------------------------------------------------------------------------
 # 3. The same district, odd rows included, gives the same plan from every source
 # ---------------------------------------------------------------------------------------------
@@ -263,6 +290,12 @@ def odd_district(sync) -> None:
     sync.account(2024)
     sync.student(2025.0, school=102, grade=7)                        # a float, as Oracle sends it
     sync.student(None, school=102, grade=7)                          # no number at all
+    sync.student(2026, school=ARABIC_101)                            # numbers in other scripts' digits
+    sync.student(2027, status="\u0660")
+    sync.student(2028, grade="\u0669")
+    sync.student(2029, status=2, school=102, grade=7)
+    sync.student(2029, school=ARABIC_101)
+    sync.account(2029, org_unit=LMS_7, school=102)
 
 
 @pytest.mark.parametrize("scope", [("--all",), ("--state-reporting",), ("--building", "102"),
