@@ -507,9 +507,12 @@ def test_safety_invariants(case):
 
 
 def _decimal_reading(text: str) -> int | None:
-    """The reading of numeric text that _as_int's fast path for plain digits must agree with."""
+    """The reading of numeric text that _as_int's fast path for plain digits must agree with:
+    Decimal's, for ASCII text only (another script's digits are no number to the SQL)."""
     import decimal
 
+    if not text.isascii():
+        return None
     try:
         value = decimal.Decimal(text.strip())
     except decimal.InvalidOperation:
