@@ -4957,7 +4957,12 @@ def send_summary_email(settings: Settings, subject: str, body: str) -> None:
     sender = threading.Thread(target=_send_email, args=(em, message, deadline, connection, result),
                               name="email", daemon=True)
     sender.start()
-    sender.join(deadline)
+    try:
+        sender.join(deadline)
+    except KeyboardInterrupt:  # Ctrl-C: hang up, so that the abandoned send ends too
+        for smtp in connection:
+            _hang_up(smtp)
+        raise
     if sender.is_alive() or not result:
         for smtp in connection:
             _hang_up(smtp)
@@ -6095,6 +6100,22 @@ def _email_after(run: Run, code: int, fatal: str | None) -> None:
     send_summary_email(run.settings, f"student_sync {what}: {outcome}", "\n".join(body))
 
 
+def _email_and_exit_code(run: Run, code: int, fatal: str | None) -> int:
+    """Email the summary, if set up, and give the run's exit code.
+
+    The email is best effort: a Ctrl-C while it is sent abandons the email, not the run.
+    As for a Ctrl-C that meets a run after its summary is made (_interrupted), a run that
+    finished exits 130 and a run that a stop ended keeps that stop's code.
+    """
+    try:
+        _email_after(run, code, fatal)
+    except KeyboardInterrupt:
+        log.warning("interrupted (Ctrl-C) while the summary email was being sent: the email was abandoned "
+                    "and may not arrive; the run had ended (exit %d) and its log says what it did", code)
+        return EXIT_INTERRUPTED if code in (EXIT_OK, EXIT_FAILURES) else code
+    return code
+
+
 def _same_file(one: Path, other: Path) -> bool:
     """Do two spellings name the same file (relative or absolute, any case on Windows)?"""
     try:
@@ -6189,8 +6210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_id, handler, log_path = f"{now:%Y%m%d-%H%M%S}-{settings.instance}", None, None
         if not args.check:  # --check goes on without a log, and fails the logs folder's line
             log.error("%s", exc)
-            _email_after(Run(args, settings, run_id), exc.exit_code, str(exc))
-            return exc.exit_code
+            return _email_and_exit_code(Run(args, settings, run_id), exc.exit_code, str(exc))
     run = Run(args, settings, run_id, log_path)
     code, fatal = EXIT_ERROR, None
     try:
@@ -6220,7 +6240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         code, fatal = EXIT_ERROR, "unexpected error: see the log"
     finally:
         try:
-            _email_after(run, code, fatal)
+            code = _email_and_exit_code(run, code, fatal)
         finally:
             if handler is not None:
                 log.removeHandler(handler)

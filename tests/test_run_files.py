@@ -9,14 +9,18 @@ settings files on one server may.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import signal
+import socket
 import stat
+import threading
 from pathlib import Path
 
 import pytest
 
-from conftest import email, logs, run_id_of, withdrawn
+from conftest import email, email_settings, logs, run_id_of, withdrawn
 from test_windows import windows  # noqa: F401 - the Windows branch, as a fixture
 import student_sync
 from testkit import district
@@ -305,3 +309,50 @@ def test_on_windows_the_files_take_the_logs_folders_access_list_unchanged(sync, 
     opened = [report, *logs(sync).glob("student_sync-*.log"), *logs(sync).glob("journal-*.jsonl")]
     assert len(opened) == 3
     assert [mode(path) for path in opened] == [0o644] * 3   # no POSIX mode asked for either
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Ctrl-C while the summary email is sent
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def ctrl_c_mail_server():
+    """An SMTP server that, once the run connects to it, has Ctrl-C pressed (SIGINT to this
+    process) and then never says a word; its port."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):
+            connection, _ = listener.accept()
+            held.append(connection)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield listener.getsockname()[1]
+    listener.close()
+    for connection in held:
+        connection.close()
+    thread.join(5)
+
+
+@pytest.mark.parametrize("stopped, code", [(False, 130), (True, 3)])
+def test_ctrl_c_while_the_summary_email_is_sent_abandons_the_email_not_the_runs_outcome(
+        sync, ctrl_c_mail_server, stopped, code):
+    sync.settings({**email_settings(ctrl_c_mail_server, when="always"),
+                   "safety": {"max_suspensions": 0 if stopped else 100}})
+    withdrawn(sync, [740001])
+
+    try:
+        result = sync.run("--all")
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C during the summary email ended main with a traceback")
+
+    assert result.code == code, result.output     # a finished run: interrupted; a safety stop: its own
+    assert "Traceback" not in result.output
+    assert re.search(r"WARNING: interrupted \(Ctrl-C\) while the summary email was being sent", result.output)
+    [log_file] = logs(sync).glob("student_sync-*.log")
+    assert "interrupted (Ctrl-C) while the summary email was being sent" in log_file.read_text(encoding="utf-8")
+    assert sync.server.user(email(740001))["suspended"] is (not stopped)
