@@ -10,7 +10,9 @@ feared most: an account that is not a student of the scope is changed.
 - the same district, odd rows included, gives the same plan from SQLite, Oracle-shaped SQL and
   the API, for every kind of scope;
 - a placeholder row (a bad name) at a school of the scope does not bring a student whose real
-  rows are elsewhere into it: rows skipped for a bad name are dropped first (SPEC 3).
+  rows are elsewhere into it: rows skipped for a bad name are dropped first (SPEC 3);
+- guards that held under review, kept as tests: a licence never follows a create that met a
+  staff alias, and a plan's licence change for any address but the student's is refused.
 
 End to end through student_sync.main (see conftest.py) against the local Directory API server,
 the local PowerSchool API server over the same SQLite copy, asserting end states, requests,
@@ -352,3 +354,62 @@ def test_a_placeholder_row_in_scope_does_not_bring_a_student_of_another_building
     assert own.code == 0, own.output
     assert sync.server.user(email(500701))["suspended"] is True
     assert not sync.server.licensing.holds(email(500701), PLUS)
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Licences never reach an account that is not the student's (guards that held under review)
+# ---------------------------------------------------------------------------------------------
+
+TEACHER = "olga.teacher@d118.org"
+
+
+def licence_posts(sync) -> list[str]:
+    return [(r.body or {}).get("userId", "").lower() for r in sync.server.requests
+            if r.path.startswith("/apps/licensing/v1/") and r.method == "POST"]
+
+
+@pytest.mark.parametrize("how", ["sync", "apply-plan"])
+def test_a_new_students_address_that_is_a_staff_alias_is_never_sent_a_licence(sync, tmp_path, how):
+    """The create meets 409 (the address is the teacher's alias) and fails the student: the
+    licence that would follow the create is not sent, to the alias or anyone."""
+    sync.settings({"licenses": {"product_id": PRODUCT, "sku_id": PLUS, "assign": True}})
+    sync.server.add_user(TEACHER, given="Olga", family="Teacher", org_unit="/Staff", aliases=[email(500901)])
+    sync.student(500901, "Sam", "New", grade=10)
+    arguments = ["--all"]
+    if how == "apply-plan":
+        plan = tmp_path / "plan.json"
+        assert sync.run("--all", "--dry-run", "--plan-out", str(plan)).code == 0
+        assert "assign license" in plan.read_text(encoding="utf-8")
+        arguments = ["--apply-plan", str(plan)]
+    sync.server.clear_requests()
+
+    result = sync.run(*arguments)
+
+    assert result.code == 1, result.output
+    assert f"alias of {TEACHER}" in result.output
+    assert licence_posts(sync) == []
+    assert not sync.server.licensing.holds(TEACHER, PLUS)
+
+
+@pytest.mark.parametrize("address", ["500902@d118.org.evil", "500902+x@d118.org", "0500902@d118.org",
+                                     "olga.teacher@d118.org", "\uff15\uff10\uff10\uff19\uff10\uff12@d118.org"])
+def test_a_plans_licence_change_for_an_address_that_is_not_the_students_is_refused(sync, tmp_path, address):
+    sync.settings({"licenses": {"product_id": PRODUCT, "sku_id": PLUS}})
+    sync.server.add_user(TEACHER, given="Olga", family="Teacher", org_unit="/Staff")
+    sync.server.licensing.assign(TEACHER, PLUS)
+    sync.student(500902, status=2)
+    sync.account(500902)
+    sync.server.licensing.assign(email(500902), PLUS)
+    plan = tmp_path / "plan.json"
+    assert sync.run("--all", "--dry-run", "--plan-out", str(plan)).code == 0
+    document = json.loads(plan.read_text(encoding="utf-8"))
+    [change] = [c for c in document["changes"] if c["action"] == "license"]
+    change["email"] = address
+    plan.write_text(json.dumps(document), encoding="utf-8")
+    sync.server.clear_requests()
+
+    result = sync.run("--apply-plan", str(plan))
+
+    assert result.code == 2, result.output
+    assert sync.writes() == []
+    assert sync.server.licensing.holds(TEACHER, PLUS) and sync.server.licensing.holds(email(500902), PLUS)
