@@ -4267,12 +4267,12 @@ def _not_this_settings_files_run(folder: Path, run_id: str, settings: Settings) 
     """
     match = _RUN_ID.fullmatch(run_id)
     base, mark, counter = match.groups()
+    if mark == settings.instance:
+        return None
     named = _settings_in_log(folder, run_id)
     refused = f"--undo {run_id} is refused, nothing was changed: "
     again = f"run the undo with that run's settings file (--config {named or 'FILE'} --undo {run_id})"
     if mark is not None:
-        if mark == settings.instance:
-            return None
         return (refused + f"that run carries the mark {mark} of another settings file"
                 + (f" ({named}, as its log says)" if named else "")
                 + f", and this settings file ({settings.path}) has the mark {settings.instance}; " + again)
