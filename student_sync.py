@@ -1333,7 +1333,10 @@ def _retry_after(value: str | None) -> float | None:
 
 
 def _api_value(column: str, value: Any) -> Any:
-    """A column's value as the database holds it: the API sends text ("12345", "-1")."""
+    """A column's value as the database holds it: the API sends text ("12345", "-1"); an
+    empty text is NULL (Oracle keeps no '' apart from NULL)."""
+    if value == "":
+        return None
     if value is None or column in _API_TEXT_COLUMNS or not isinstance(value, str):
         return value
     if column == "student_number":
@@ -1478,13 +1481,16 @@ class PowerSchoolApi:
                     time.sleep(self._asked_wait(answer, "/oauth/access_token") or self._backoff(attempt))
                     continue
             break
+        refused = (f"check the environment variables {self.variables} (copy them again from the plugin's "
+                   "Data Configuration page in PowerSchool; is the plugin enabled?)")
         if answer.status_code in (400, 401, 403):
-            raise SourceError(
-                f"PowerSchool refused the plugin's client ID and secret (HTTP {answer.status_code}): "
-                f"check the environment variables {self.variables} (copy them again from the plugin's "
-                "Data Configuration page in PowerSchool; is the plugin enabled?)")
+            raise SourceError(f"PowerSchool refused the plugin's client ID and secret (HTTP "
+                              f"{answer.status_code}: {self._message(answer)}): {refused}")
         body = self._json(answer, "/oauth/access_token", "a token")
         token = body.get("access_token") if isinstance(body, dict) else None
+        if isinstance(body, dict) and body.get("error") and not token:  # an OAuth error, sent with 200
+            raise SourceError(f"PowerSchool refused the plugin's client ID and secret ({self._message(answer)}): "
+                              f"{refused}")
         if not isinstance(token, str) or not token:
             raise SourceError(f"PowerSchool: {url} answered without an access_token: is [powerschool] "
                               "url the PowerSchool server's address?")

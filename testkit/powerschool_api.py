@@ -15,7 +15,8 @@ that ``testkit.district`` builds (PowerSchool's table and column names):
   ``col==v;col=ge=v``...), ``sort`` and ``sortdescending``.  Answers
   ``{"name": "Students", "record": [{"id": 12, "name": "Students", "tables": {"students":
   {"student_number": "12345", ...}}, "@extensions": ""}]}``: column names in lower case, every
-  value a string, NULL columns left out, a page past the end without ``record``.  Without
+  value a string, NULL columns left out (``null_as_empty``: sent as ``""``), a page past the end
+  without ``record``.  Without
   ``sort`` the order differs from request to request, as a database's unordered query may.
 - ``GET /ws/schema/table/{table}/{id}`` -- one row, ``{"id", "name", "tables"}``.
 
@@ -308,8 +309,12 @@ class _Tables:
                f"LIMIT ? OFFSET ?")
         return self.connection().execute(sql, [*values, limit, offset]).fetchall()
 
+    null_as_empty = False   # a NULL column sent as "" instead of left out
+
     def record(self, table: str, columns: list[str], row: tuple[Any, ...]) -> dict[str, Any]:
         values = {c: _text(v) for c, v in zip(columns, row[1:]) if v is not None}
+        if self.null_as_empty:
+            values = {c: values.get(c, "") for c in columns}
         return {"id": row[0], "name": TABLES[table][1], "tables": {table: values}, "@extensions": ""}
 
 
@@ -357,7 +362,7 @@ class PowerSchoolApiServer(Serving):
                  token_lifetime: float = 3600.0, min_interval_ms: float = 0.0,
                  latency_ms: float = 0.0, host: str = "127.0.0.1", port: int = 0,
                  lone_record_as_object: bool = False, refusal_names_token: bool = False,
-                 forbidden_body: str = "errors"):
+                 forbidden_body: str = "errors", null_as_empty: bool = False):
         self.client_id, self.client_secret = client_id, client_secret
         # A refused bearer token answered as an OAuth 2.0 resource server commonly does
         # (RFC 6750 "invalid_token", Spring Security's "Invalid access token: <token>"): the
@@ -369,6 +374,7 @@ class PowerSchoolApiServer(Serving):
         self.lone_record_as_object = lone_record_as_object
         self.grants = read_grants(plugin_xml)
         self._tables = _Tables(Path(database), self.grants, forbidden_body)
+        self._tables.null_as_empty = null_as_empty
         self.max_page_size = max_page_size
         self.token_lifetime = token_lifetime
         self.min_interval_ms = min_interval_ms

@@ -230,6 +230,24 @@ def test_odd_values_read_through_the_api_give_what_sqlite_gives(sync, monkeypatc
     assert from_api["code"] == 1
 
 
+def test_null_columns_sent_as_empty_text_give_what_sqlite_gives(sync, monkeypatch):
+    """Oracle keeps no empty text (its '' is NULL) and no blank number: a NULL column that comes
+    as "" instead of being left out is a NULL, with the same notices as the SQL path."""
+    sync.student(50001, class_of=None)                     # NULL CLASSOF: warning
+    sync.student(50002, status=None)                       # NULL ENROLL_STATUS: failed
+    sync.student(50007, last=None)                         # NULL name: cannot create
+    sync.student(50009, grade=None)                        # NULL GRADE_LEVEL
+    sync.student(50010)
+    from_sqlite = _plan_of(sync, "sqlite")
+    monkeypatch.setenv("POWERSCHOOL_CLIENT_ID", CLIENT_ID)
+    monkeypatch.setenv("POWERSCHOOL_CLIENT_SECRET", CLIENT_SECRET)
+    with start_api(sync, null_as_empty=True) as server:
+        sync.settings(api_settings(server))
+        from_api = _plan_of(sync, "api")
+    assert from_api == from_sqlite
+    assert any("CLASSOF is empty" in n["message"] for n in from_api["notices"]), from_api["notices"]
+
+
 def test_a_lenient_reading_of_other_answer_shapes(sync, api, monkeypatch):
     """Ids as text, table names in capitals, numbers as JSON numbers: all read alike."""
     original = _Tables.record
@@ -435,6 +453,21 @@ def test_refused_credentials_name_the_variables_never_the_secret(sync, api, monk
     assert CLIENT_SECRET not in result.output
     for path in (sync.folder / "logs").glob("*.log"):
         assert CLIENT_SECRET not in path.read_text(encoding="utf-8")
+
+
+def test_a_token_answer_that_is_an_oauth_error_names_the_variables(sync, api, monkeypatch):
+    """An OAuth error ({"error": "invalid_client"}) sent with 200 is refused credentials, not
+    a wrong url."""
+    from testkit.powerschool_api import _json
+
+    monkeypatch.setattr(PowerSchoolApiServer, "_token", lambda self, headers, body: _json(
+        200, {"error": "invalid_client", "error_description": "Bad client credentials"}))
+    students(sync, 2)
+    result = sync.run("--all")
+    assert result.code == 2
+    assert "POWERSCHOOL_CLIENT_ID" in result.output and "POWERSCHOOL_CLIENT_SECRET" in result.output
+    assert "Bad client credentials" in result.output
+    assert not sync.writes()
 
 
 def test_a_missing_client_secret_variable_is_named(sync, api, monkeypatch):
