@@ -148,14 +148,16 @@ def _text(value: Any) -> str:
 # Faults and the record of requests
 # --------------------------------------------------------------------------------------------
 
-FAULT_KINDS = ("status", "expire", "short", "html", "429")
+FAULT_KINDS = ("status", "expire", "short", "html", "429", "login")
+SIGN_IN_PATH = "/admin/pw.html"
 
 
 @dataclass
 class Fault:
     """One planned misbehaviour: `kind` is "status" (answer `status`, e.g. 503, without
     serving), "expire" (the caller's token expires just before this request: 401), "short"
-    (drop `drop` records from the page), "html" (a 200 sign-in page instead of JSON) or "429"
+    (drop `drop` records from the page), "html" (a 200 sign-in page instead of JSON), "login" (a
+    302 redirect to the sign-in page, which answers 200 with HTML) or "429"
     (refused as too soon, Retry-After `retry_after`).  It applies to the next `times` requests
     whose path matches the regular expression `path` (searched) and, when `page` is set,
     whose ``page`` parameter is that page."""
@@ -465,6 +467,8 @@ class PowerSchoolApiServer(Serving):
             if method != "POST":
                 return _message(405, "Method Not Allowed")
             return self._fault_answer(self._take_fault(path, query)) or self._token(headers, body)
+        if path == SIGN_IN_PATH:
+            return _Answer(200, _SIGN_IN_PAGE, HTML_TYPE)
         if not path.startswith("/ws/"):
             return _Answer(404, b"<html><body><h1>404 Not Found</h1></body></html>", HTML_TYPE)
         fault = self._take_fault(path, query)
@@ -492,7 +496,8 @@ class PowerSchoolApiServer(Serving):
 
     @staticmethod
     def _fault_answer(fault: Fault | None) -> _Answer | None:
-        """The answer a "status", "429" or "html" fault gives instead of serving; None otherwise."""
+        """The answer a "status", "429", "html" or "login" fault gives instead of serving; None
+        otherwise."""
         if fault and fault.kind == "status":
             if fault.status >= 500 and fault.status != 500:
                 return _Answer(fault.status, f"<html><body><h1>{fault.status}</h1></body></html>".encode(),
@@ -503,6 +508,8 @@ class PowerSchoolApiServer(Serving):
                             **{"Retry-After": fault.retry_after or "1"})
         if fault and fault.kind == "html":
             return _Answer(200, _SIGN_IN_PAGE, HTML_TYPE)
+        if fault and fault.kind == "login":
+            return _Answer(302, b"", None, {"Location": SIGN_IN_PATH})
         return None
 
     def _token(self, headers: dict[str, str], body: bytes) -> _Answer:

@@ -502,6 +502,22 @@ def test_an_html_answer_is_exit_2(sync, api):
     assert "HTML" in result.output
 
 
+@pytest.mark.parametrize("path", [r"/oauth/access_token$", r"/ws/v1/metadata$", r"/students$"])
+def test_a_redirect_to_the_sign_in_page_is_exit_2(sync, api, path):
+    """A proxy or an expired session sends a request to PowerSchool's sign-in page (302, then
+    200 with HTML): never read as an answer, whichever request meets it."""
+    numbers = students(sync, 3)
+    for number in numbers:
+        sync.account(number)
+    api.add_fault("login", path, times=20)
+    sync.server.clear_requests()
+    result = sync.run("--all")
+    assert result.code == 2, result.output
+    assert "HTML" in result.output and "sign-in" in result.output
+    assert any(r.path == "/admin/pw.html" for r in api.requests)
+    assert not sync.writes()
+
+
 def test_plain_http_is_refused_for_a_server_that_is_not_local(sync):
     sync.settings({"powerschool": {"source": "api", "url": "http://ps.d118.org", "sqlite": None}})
     result = sync.run("--all")
