@@ -1380,6 +1380,10 @@ def _missing_field(body: Any, text: str, table: str, columns: Iterable[str]) -> 
     return None
 
 
+class _ApiForbidden(SourceError):
+    """A 403 from PowerSchool's API: the plugin lacks a column (or the API altogether)."""
+
+
 class PowerSchoolApi:
     """One PowerSchool server's plugin API: token, paced and retried GETs, whole-table reads.
 
@@ -1604,7 +1608,7 @@ class PowerSchoolApi:
                     self._pacer.hold(wait)
                 continue
             if status == 403:
-                raise SourceError(self._forbidden(answer, path, columns))
+                raise _ApiForbidden(self._forbidden(answer, path, columns))
             return self._json(answer, path, what)
 
     @staticmethod
@@ -1788,9 +1792,7 @@ def check_api_access(api: PowerSchoolApi) -> list[str]:
             try:
                 api.get(f"/ws/schema/table/{table}", params, what=f"{table.upper()}.{column.upper()}",
                         columns=(column,))
-            except SourceError as exc:
-                if "no access" not in str(exc).lower() and "403" not in str(exc):
-                    raise
+            except _ApiForbidden:
                 missing.append(f"{table.upper()}.{column.upper()}")
     return missing
 

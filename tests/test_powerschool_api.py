@@ -563,6 +563,30 @@ def test_check_names_a_column_the_plugin_lacks(sync, api):
     assert re.search(r"FAIL .*GRADE_LEVEL", result.output, re.IGNORECASE), result.output
 
 
+def test_check_tells_another_failure_from_a_missing_grant_whatever_the_url_holds(sync, monkeypatch):
+    """A server whose address holds "403" (a port here; a district's host name elsewhere) and
+    that answers a column's probe with an HTML page: --check says HTML, never that the plugin
+    lacks the column."""
+    monkeypatch.setenv("POWERSCHOOL_CLIENT_ID", CLIENT_ID)
+    monkeypatch.setenv("POWERSCHOOL_CLIENT_SECRET", CLIENT_SECRET)
+    students(sync, 2)
+    server = None
+    for port in range(40300, 40400):
+        try:
+            server = start_api(sync, port=port)
+            break
+        except OSError:
+            continue
+    assert server is not None, "no free port with 403 in it"
+    with server:
+        server.add_fault("html", r"/students$", times=1)
+        sync.settings(api_settings(server))
+        result = sync.run("--check")
+    assert result.code == 2
+    assert re.search(r"FAIL .*HTML", result.output), result.output
+    assert "no access" not in result.output.lower(), result.output
+
+
 def test_check_names_the_key_the_paged_read_sorts_on_when_the_plugin_lacks_it(sync, api):
     """The read sorts every page on ID: --check does not call the plugin's access complete
     without it, and names it."""
