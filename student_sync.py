@@ -1032,11 +1032,13 @@ SELECT s.STUDENT_NUMBER, s.FIRST_NAME, s.LAST_NAME, s.CLASSOF, s.ENROLL_STATUS,
 # rules read both as student 500801.  Oracle's STUDENT_NUMBER is a NUMBER, so there the
 # match is the rules' own.  On a SQLite copy the same query reads this view instead (a
 # temporary view named like the table is found before it), which gives digit-only text
-# the number Oracle would hold and leaves every other value as written.
+# the number Oracle would hold and leaves every other value as written.  Only up to 18
+# digits: SQLite's CAST turns longer text into 9223372036854775807, one number for many
+# students; the rules read such text exactly.
 _SQLITE_STUDENTS_VIEW = """\
 CREATE TEMP VIEW IF NOT EXISTS STUDENTS AS
 SELECT CASE WHEN typeof(STUDENT_NUMBER) = 'text' AND STUDENT_NUMBER <> ''
-             AND STUDENT_NUMBER NOT GLOB '*[^0-9]*'
+             AND STUDENT_NUMBER NOT GLOB '*[^0-9]*' AND length(ltrim(STUDENT_NUMBER, '0')) <= 18
             THEN CAST(STUDENT_NUMBER AS INTEGER) ELSE STUDENT_NUMBER END AS STUDENT_NUMBER,
        FIRST_NAME, LAST_NAME, CLASSOF, ENROLL_STATUS, SCHOOLID, GRADE_LEVEL
   FROM main.STUDENTS"""

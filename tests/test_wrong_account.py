@@ -34,6 +34,7 @@ from testkit.powerschool_api import PowerSchoolApiServer
 
 CLIENT_ID, CLIENT_SECRET = "0c5e7a1b-wrongacct-client", "wrongacct-secret-never-shown"
 LMS_7 = district.building_ou("LMS") + "/7th"
+HUGE = ("99999999999999999991", "99999999999999999992")   # two students beyond SQLite's 64-bit integers
 ARABIC_101 = "\u0661\u0660\u0661"      # 101 in Arabic-Indic digits: Python's Decimal reads it, SQL does not
 ODD_7 = district.building_ou("ODD") + "/7th"
 
@@ -150,6 +151,24 @@ def test_an_api_student_number_that_is_not_digits_never_brings_another_student_i
     assert sync.server.user(email(500301)) == before, result.output
     assert not [r for r in sync.writes() if "500301" in r.path], result.output
     assert f"STUDENT_NUMBER {spelled!r}" in result.output, result.output
+
+
+@pytest.mark.parametrize("source", ["sqlite", "api"])
+def test_student_numbers_too_long_for_sqlites_integers_stay_two_students(sync, api_credentials, source):
+    """SQLite's CAST turned every digit text beyond 64 bits into 9223372036854775807: two
+    students became one, with the account of neither."""
+    for number in HUGE:
+        sync.student(number, school=102, grade=7)
+    server = serve_api(sync) if source == "api" else None
+    try:
+        result = sync.run("--all")
+    finally:
+        if server:
+            server.stop()
+
+    assert result.code == 0, result.output
+    assert all(sync.server.user(f"{number}@d118.org") for number in HUGE), result.output
+    assert sync.server.user("9223372036854775807@d118.org") is None
 
 
 def test_a_negative_api_student_number_is_bad_data_as_from_sql(sync, api_credentials):
@@ -298,6 +317,8 @@ def odd_district(sync) -> None:
     sync.student(2029, status=2, school=102, grade=7)
     sync.student(2029, school=ARABIC_101)
     sync.account(2029, org_unit=LMS_7, school=102)
+    sync.student(HUGE[0], school=102, grade=7)                       # more digits than SQLite's integers
+    sync.student(HUGE[1], school=102, grade=7)
 
 
 @pytest.mark.parametrize("scope", [("--all",), ("--state-reporting",), ("--building", "102"),
