@@ -3205,7 +3205,8 @@ def school_drops(previous: Mapping[int, int], current: Mapping[int, int], percen
         before = previous.get(school)
         if before is None or before < 20:
             continue
-        if now == 0 or now < before * (1 - percent / 100):
+        # Exactly: "more than" the percentage, and 20 * (1 - 0.70) is 6.000000000000001 in floats.
+        if now == 0 or (before - now) * 100 > decimal.Decimal(repr(percent)) * before:
             lost = 100 * (before - now) / before
             drops.append(f"school {school}: {before} -> {now} active students (-{lost:.0f}%)")
     return drops
@@ -6181,7 +6182,10 @@ def _beside_settings(args: argparse.Namespace, settings: Settings) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse has said what is wrong (or printed --help): its code is the answer
+        return exc.code if isinstance(exc.code, int) else EXIT_ERROR
     setup_logging(-1 if args.quiet else args.verbose)
     problem = _usage_problem(args)
     if problem:
