@@ -15,8 +15,9 @@ that ``testkit.district`` builds (PowerSchool's table and column names):
   ``col==v;col=ge=v``...), ``sort`` and ``sortdescending``.  Answers
   ``{"name": "Students", "record": [{"id": 12, "name": "Students", "tables": {"students":
   {"student_number": "12345", ...}}, "@extensions": ""}]}``: column names in lower case, every
-  value a string, NULL columns left out (``null_as_empty``: sent as ``""``), a page past the end
-  without ``record``.  Without
+  value a string (``number_style``: a NUMBER as ``"12345"``, ``"12345.0"`` or ``" 12345 "``, in
+  every column or in ``styled_columns``), NULL
+  columns left out (``null_as_empty``: sent as ``""``), a page past the end without ``record``.  Without
   ``sort`` the order differs from request to request, as a database's unordered query may.
 - ``GET /ws/schema/table/{table}/{id}`` -- one row, ``{"id", "name", "tables"}``.
 
@@ -312,9 +313,21 @@ class _Tables:
         return self.connection().execute(sql, [*values, limit, offset]).fetchall()
 
     null_as_empty = False   # a NULL column sent as "" instead of left out
+    number_style = "plain"  # "decimal": a NUMBER sent as "12345.0"; "padded": as " 12345 "
+    styled_columns: frozenset[str] | None = None   # the columns number_style applies to (None: all)
+
+    def value(self, column: str, value: Any) -> str:
+        text = _text(value)
+        styled = self.styled_columns is None or column in self.styled_columns
+        if styled and isinstance(value, (int, float)) and not isinstance(value, bool):
+            if self.number_style == "decimal":
+                return text if "." in text else f"{text}.0"
+            if self.number_style == "padded":
+                return f" {text} "
+        return text
 
     def record(self, table: str, columns: list[str], row: tuple[Any, ...]) -> dict[str, Any]:
-        values = {c: _text(v) for c, v in zip(columns, row[1:]) if v is not None}
+        values = {c: self.value(c, v) for c, v in zip(columns, row[1:]) if v is not None}
         if self.null_as_empty:
             values = {c: values.get(c, "") for c in columns}
         return {"id": row[0], "name": TABLES[table][1], "tables": {table: values}, "@extensions": ""}
@@ -364,7 +377,8 @@ class PowerSchoolApiServer(Serving):
                  token_lifetime: float = 3600.0, min_interval_ms: float = 0.0,
                  latency_ms: float = 0.0, host: str = "127.0.0.1", port: int = 0,
                  lone_record_as_object: bool = False, refusal_names_token: bool = False,
-                 forbidden_body: str = "errors", null_as_empty: bool = False):
+                 forbidden_body: str = "errors", null_as_empty: bool = False, number_style: str = "plain",
+                 styled_columns: Iterable[str] | None = None):
         self.client_id, self.client_secret = client_id, client_secret
         # A refused bearer token answered as an OAuth 2.0 resource server commonly does
         # (RFC 6750 "invalid_token", Spring Security's "Invalid access token: <token>"): the
@@ -377,6 +391,8 @@ class PowerSchoolApiServer(Serving):
         self.grants = read_grants(plugin_xml)
         self._tables = _Tables(Path(database), self.grants, forbidden_body)
         self._tables.null_as_empty = null_as_empty
+        self._tables.number_style = number_style
+        self._tables.styled_columns = None if styled_columns is None else frozenset(c.lower() for c in styled_columns)
         self.max_page_size = max_page_size
         self.token_lifetime = token_lifetime
         self.min_interval_ms = min_interval_ms

@@ -230,6 +230,27 @@ def test_odd_values_read_through_the_api_give_what_sqlite_gives(sync, monkeypatc
     assert from_api["code"] == 1
 
 
+@pytest.mark.parametrize("style", ["decimal", "padded"])
+def test_numbers_written_as_12345_0_or_padded_give_what_sqlite_gives(sync, monkeypatch, style):
+    """SCHOOLID, GRADE_LEVEL, ENROLL_STATUS, CLASSOF, SCHOOL_NUMBER and the 0/1 flag may come as
+    "101.0" (a Java double's text) or with spaces around them: the same number, the same plan.
+    (STUDENT_NUMBER is read digits-only on purpose, as the SQL
+    path reads its text: tests/test_wrong_account.py.)"""
+    for number in range(50020, 50026):
+        sync.student(number, school=101 if number % 2 else 102, grade=9 if number % 2 else 7)
+    sync.student(50030, status=2)
+    sync.account(50030)
+    from_sqlite = _plan_of(sync, "sqlite")
+    monkeypatch.setenv("POWERSCHOOL_CLIENT_ID", CLIENT_ID)
+    monkeypatch.setenv("POWERSCHOOL_CLIENT_SECRET", CLIENT_SECRET)
+    styled = ["schoolid", "grade_level", "enroll_status", "classof", "school_number", "state_excludefromreporting"]
+    with start_api(sync, number_style=style, styled_columns=styled) as server:
+        sync.settings(api_settings(server))
+        from_api = _plan_of(sync, "api")
+    assert from_api == from_sqlite
+    assert len(from_api["changes"]) >= 6
+
+
 def test_null_columns_sent_as_empty_text_give_what_sqlite_gives(sync, monkeypatch):
     """Oracle keeps no empty text (its '' is NULL) and no blank number: a NULL column that comes
     as "" instead of being left out is a NULL, with the same notices as the SQL path."""
