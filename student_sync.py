@@ -3724,8 +3724,9 @@ class Applier:
             except _http_error_class() as exc:
                 status, _, message = _http_error_parts(exc)
                 said = " ".join([message, *_error_reasons(exc)])
-                held = status == 409 or (400 <= status < 500 and bool(_ALREADY_HELD.search(said))
-                                         and not _OTHER_SKU.search(said))
+                # A 409 naming another SKU is a conflict, not this licence held already.
+                held = ((status == 409 or (400 <= status < 500 and bool(_ALREADY_HELD.search(said))))
+                        and not _OTHER_SKU.search(said))
                 if held and insert.answer_lost:  # our own earlier try assigned it
                     return Outcome(change, Status.APPLIED, note="assigned (the first answer was lost)")
                 if held:  # held already: what the assign wanted

@@ -12,7 +12,8 @@ feared most: an account that is not a student of the scope is changed.
 - a placeholder row (a bad name) at a school of the scope does not bring a student whose real
   rows are elsewhere into it: rows skipped for a bad name are dropped first (SPEC 3);
 - guards that held under review, kept as tests: a licence never follows a create that met a
-  staff alias, and a plan's licence change for any address but the student's is refused.
+  staff alias, and a plan's licence change for any address but the student's is refused;
+- an assign answered 409 that names another SKU fails the student instead of counting as held.
 
 End to end through student_sync.main (see conftest.py) against the local Directory API server,
 the local PowerSchool API server over the same SQLite copy, asserting end states, requests,
@@ -434,3 +435,30 @@ def test_a_plans_licence_change_for_an_address_that_is_not_the_students_is_refus
     assert result.code == 2, result.output
     assert sync.writes() == []
     assert sync.server.licensing.holds(TEACHER, PLUS) and sync.server.licensing.holds(email(500902), PLUS)
+
+
+@pytest.mark.parametrize("status", [409, 412])
+def test_an_assign_answered_that_another_sku_is_held_fails_the_student_not_done(sync, monkeypatch, status):
+    """Google's 409 for a user holding a conflicting SKU is not "held already": the student
+    counts as failed, and the report does not say the licence is in place."""
+    from testkit.directory_server import ApiError, _error_response
+
+    sync.settings({"licenses": {"product_id": PRODUCT, "sku_id": PLUS, "assign": True}})
+    sync.student(500903)
+    sync.account(500903)
+    licensing = sync.server.licensing
+    original = licensing.execute
+
+    def execute(verb, path, query, body):
+        if verb == "POST":
+            return _error_response(ApiError(status, "duplicate" if status == 409 else "conditionNotMet",
+                                            "User already has a license for another sku of this product"))
+        return original(verb, path, query, body)
+
+    monkeypatch.setattr(licensing, "execute", execute)
+
+    result = sync.run("--all")
+
+    assert result.code == 1, result.output
+    assert "another sku" in result.output
+    assert not licensing.holds(email(500903), PLUS)
