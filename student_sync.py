@@ -1694,13 +1694,20 @@ class PowerSchoolApi:
         columns = _API_TABLES[table]
         for attempt in (1, 2):
             expected = self.count(table)
+            first = self.page(table, columns, 1, self.page_size)
+            if 0 < len(first) < min(self.page_size, expected):
+                # The server cuts its pages smaller than the metadata said (or than the default
+                # when it said nothing): the rest is asked in pages of the size it serves.
+                log.warning("PowerSchool: the API answers pages of %d %s rows, not %d; reading pages of %d",
+                            len(first), table.upper(), self.page_size, len(first))
+                self.page_size = len(first)
             pages = max(1, math.ceil(expected / self.page_size))
-            workers = max(1, min(_API_WORKERS, pages))
+            workers = max(1, min(_API_WORKERS, pages - 1))
             with concurrent.futures.ThreadPoolExecutor(max_workers=workers,
                                                        thread_name_prefix="powerschool") as pool:
                 try:
-                    results = list(pool.map(lambda n: self.page(table, columns, n, self.page_size),
-                                            range(1, pages + 1)))
+                    results = [first] + list(pool.map(lambda n: self.page(table, columns, n, self.page_size),
+                                                      range(2, pages + 1)))
                 except BaseException:
                     pool.shutdown(wait=False, cancel_futures=True)  # no new page after a stop
                     raise

@@ -8,7 +8,9 @@ that ``testkit.district`` builds (PowerSchool's table and column names):
   ``grant_type=client_credentials``; answers ``{"access_token", "token_type": "Bearer",
   "expires_in": "<seconds, as a string>"}``.  A token lives ``token_lifetime`` seconds; asking
   again while it lives gives the same token (PowerSchool does the same).
-- ``GET /ws/v1/metadata`` -- ``{"metadata": {..., "schema_table_query_max_page_size": N}}``.
+- ``GET /ws/v1/metadata`` -- ``{"metadata": {..., "schema_table_query_max_page_size": N}}``
+  (``metadata_page_size`` makes it say another N than the pages are cut at, ``metadata_omits``
+  leaves keys out).
 - ``GET /ws/schema/table/{table}/count`` -- ``{"count": N}`` (``q`` filters).
 - ``GET /ws/schema/table/{table}`` -- ``projection`` (required columns, ``*`` for every
   granted one), ``page`` (from 1), ``pagesize`` (capped at the maximum), ``q`` (FIQL subset:
@@ -378,7 +380,8 @@ class PowerSchoolApiServer(Serving):
                  latency_ms: float = 0.0, host: str = "127.0.0.1", port: int = 0,
                  lone_record_as_object: bool = False, refusal_names_token: bool = False,
                  forbidden_body: str = "errors", null_as_empty: bool = False, number_style: str = "plain",
-                 styled_columns: Iterable[str] | None = None):
+                 styled_columns: Iterable[str] | None = None, metadata_page_size: int | None = None,
+                 metadata_omits: Iterable[str] = ()):
         self.client_id, self.client_secret = client_id, client_secret
         # A refused bearer token answered as an OAuth 2.0 resource server commonly does
         # (RFC 6750 "invalid_token", Spring Security's "Invalid access token: <token>"): the
@@ -394,6 +397,10 @@ class PowerSchoolApiServer(Serving):
         self._tables.number_style = number_style
         self._tables.styled_columns = None if styled_columns is None else frozenset(c.lower() for c in styled_columns)
         self.max_page_size = max_page_size
+        # What the metadata says (by default the maximum the pages are cut at), and the keys it
+        # leaves out: a metadata that disagrees with the server, or says nothing, is met too.
+        self.metadata_page_size = metadata_page_size
+        self.metadata_omits = frozenset(metadata_omits)
         self.token_lifetime = token_lifetime
         self.min_interval_ms = min_interval_ms
         self.latency_ms = latency_ms
@@ -586,13 +593,15 @@ class PowerSchoolApiServer(Serving):
                                      "another request.", **{"Retry-After": str(wait)}))
 
     def _metadata(self) -> dict[str, Any]:
-        return {"plugin_id": PLUGIN_ID, "powerschool_version": POWERSCHOOL_VERSION,
-                "powerteacher_version": "24.7.0", "mobile_api_version": "4.6",
-                "state": "IL", "machine_uptime": "3 days", "powerschool_uptime": "3 days",
-                "schema_table_query_max_page_size": self.max_page_size,
-                "student_max_page_size": 100, "school_max_page_size": 100, "staff_max_page_size": 100,
-                "course_max_page_size": 100, "section_max_page_size": 100, "term_max_page_size": 100,
-                "section_enrollment_max_page_size": 100}
+        size = self.max_page_size if self.metadata_page_size is None else self.metadata_page_size
+        metadata = {"plugin_id": PLUGIN_ID, "powerschool_version": POWERSCHOOL_VERSION,
+                    "powerteacher_version": "24.7.0", "mobile_api_version": "4.6",
+                    "state": "IL", "machine_uptime": "3 days", "powerschool_uptime": "3 days",
+                    "schema_table_query_max_page_size": size,
+                    "student_max_page_size": 100, "school_max_page_size": 100, "staff_max_page_size": 100,
+                    "course_max_page_size": 100, "section_max_page_size": 100, "term_max_page_size": 100,
+                    "section_enrollment_max_page_size": 100}
+        return {k: v for k, v in metadata.items() if k not in self.metadata_omits}
 
     @staticmethod
     def _whole(query: dict[str, str], name: str, default: int) -> int:

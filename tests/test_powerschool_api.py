@@ -679,6 +679,26 @@ def test_no_metadata_at_the_url_is_exit_2(sync, api):
     assert not sync.writes()
 
 
+@pytest.mark.parametrize("metadata", [{"metadata_omits": ["schema_table_query_max_page_size"]},
+                                      {"metadata_page_size": 50}])
+def test_pages_smaller_than_the_metadata_says_are_read_whole(sync, monkeypatch, metadata):
+    """Metadata without schema_table_query_max_page_size (pages of 100 asked), or saying more
+    than the server cuts its pages at (5): the first page tells the real size, every row is
+    read in pages of that size, nothing is read twice."""
+    monkeypatch.setenv("POWERSCHOOL_CLIENT_ID", CLIENT_ID)
+    monkeypatch.setenv("POWERSCHOOL_CLIENT_SECRET", CLIENT_SECRET)
+    numbers = students(sync, 12)
+    with start_api(sync, **metadata) as server:
+        sync.settings(api_settings(server))
+        result = sync.run("--all")
+        pages = student_pages(server)
+    assert result.code == 0, result.output
+    assert all(sync.server.user(email(n)) for n in numbers)
+    assert sorted(int(r.query["page"]) for r in pages) == [1, 2, 3]
+    assert [int(r.query["pagesize"]) for r in pages if r.query["page"] != "1"] == [5, 5]
+    assert re.search(r"pages? of 5", result.output), result.output
+
+
 def test_tokens_that_run_out_during_a_long_read_are_renewed(sync, monkeypatch):
     """Tokens that live 1 s, a read of about 2 s: every page is read, no student is lost."""
     monkeypatch.setenv("POWERSCHOOL_CLIENT_ID", CLIENT_ID)
