@@ -802,12 +802,19 @@ def _local_path(name: str | None, base: Path) -> Path | None:
 _SOURCES = ("oracle", "api", "sqlite")
 
 
+_VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
 def _variable_name(section: str, key: str, name: str | None) -> None:
     """An `*_env` key names an environment variable: an empty name is an error (a run would
-    otherwise say "is not set ... --store-secret " with no name to set)."""
-    if name is not None and not name.strip():
-        raise SettingsError(f"settings: [{section}] {key} must name an environment variable "
-                            "(the variable's name, not the secret)")
+    otherwise say "is not set ... --store-secret " with no name to set), and so is one that
+    is no variable's name -- most likely the secret itself pasted in, which every message
+    naming the variable would then carry into the log (SPEC 5), so it is never quoted."""
+    if name is not None and not _VARIABLE_NAME.fullmatch(name.strip()):
+        raise SettingsError(f"settings: [{section}] {key} must name an environment variable (letters, digits "
+                            "and _, like NEW_USER_PASSWORD), not hold the secret itself; its value is not "
+                            "shown here. Put the secret in that variable, or in the credential store with "
+                            "--store-secret NAME")
 
 
 def _powerschool_settings(ps: Mapping[str, Any], base: Path) -> PowerSchoolSettings:
@@ -6020,7 +6027,7 @@ def _usage_problem(args: argparse.Namespace) -> str | None:
     if args.store_secret:
         if kind or args.plan_out or args.report or args.dry_run:
             return "--store-secret takes only a NAME (and --config)"
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", args.store_secret):
+        if not _VARIABLE_NAME.fullmatch(args.store_secret):
             return f"--store-secret {args.store_secret!r}: a secret's name is an environment variable's name, like NEW_USER_PASSWORD"
         return None
     if args.check or args.authorize:

@@ -66,3 +66,47 @@ def test_a_command_line_usage_error_is_exit_2_from_main_and_changes_nothing(sync
     assert result.code == 2, result.output
     assert "usage:" in result.output
     assert sync.writes() == []
+
+
+# ---------------------------------------------------------------------------------------------
+# SPEC 5: "Secrets never sit in the settings file, never in a log ... Each secret is named by an
+# `*_env` key".  The old script kept the password in its settings; a secret pasted into an
+# `*_env` key was quoted back as "<secret> is not set ... --store-secret <secret>" on the
+# console and in the log.  A value that is no variable's name is a settings error naming the
+# key, never its value.
+# ---------------------------------------------------------------------------------------------
+
+SECRET = "Tr0ub4dor&3-horse staple"
+
+
+@pytest.mark.parametrize("section, key, more", [
+    ("accounts", "new_password_env", {}),
+    ("powerschool", "password_env", {"sqlite": None}),
+    ("powerschool", "client_secret_env", {"sqlite": None, "source": "api", "url": "https://ps.d118.org"}),
+    ("email", "password_env", {"smtp_host": "127.0.0.1", "from": "s@d118.org", "to": ["t@d118.org"],
+                               "user_env": "SMTP_USER"}),
+])
+@pytest.mark.parametrize("mode", [["--all"], ["--check"], ["--all", "--dry-run"]])
+def test_a_secret_pasted_into_an_env_key_is_a_settings_error_that_never_shows_it(sync, section, key, more, mode):
+    sync.settings({section: {key: SECRET, **more}})
+    sync.student(700201)
+
+    result = sync.run(*mode)
+
+    assert result.code == 2, result.output
+    assert f"[{section}] {key}" in result.output
+    assert SECRET not in result.output and "Tr0ub4dor" not in result.output
+    logged = "".join(p.read_text(encoding="utf-8") for p in (sync.folder / "logs").glob("*"))
+    assert "Tr0ub4dor" not in logged
+    assert sync.writes() == []
+
+
+def test_ordinary_variable_names_are_still_accepted(sync, monkeypatch):
+    monkeypatch.setenv("District_New_Password2", "Welcome-Sync-2026")
+    sync.settings({"accounts": {"new_password_env": "  District_New_Password2 "}})
+    sync.student(700202)
+
+    result = sync.run("--all")
+
+    assert result.code == 0, result.output
+    assert sync.server.user(email(700202)) is not None
