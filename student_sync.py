@@ -1421,6 +1421,7 @@ class PowerSchoolApi:
         self.requests = 0
         self.page_size = _API_DEFAULT_PAGE_SIZE
         self.version = ""
+        self.metadata_read = False   # the url answered as PowerSchool's API
 
     # connection --------------------------------------------------------------------------
     def open(self) -> "PowerSchoolApi":
@@ -1428,6 +1429,7 @@ class PowerSchoolApi:
         credentials stop here."""
         self._new_token()
         metadata = self.get("/ws/v1/metadata", {}, what="the API metadata")
+        self.metadata_read = True
         inner = metadata.get("metadata", metadata) if isinstance(metadata, dict) else {}
         size = _as_int(inner.get("schema_table_query_max_page_size")) if isinstance(inner, dict) else None
         if size is not None and size > 0:
@@ -1526,6 +1528,14 @@ class PowerSchoolApi:
 
     def _json(self, answer: Any, path: str, what: str) -> Any:
         """The answer's JSON, or an error saying what came instead."""
+        table = re.match(r"/ws/schema/table/([^/]+)", path)
+        if answer.status_code == 404 and table and self.metadata_read:
+            # The metadata was read at this url, so the url is right: the plugin sees no such table.
+            raise SourceError(
+                f"PowerSchool: HTTP 404 from {path} while reading {what}: {self._message(answer)}. The "
+                f"plugin sees no {table.group(1).upper()} table: does it grant ViewOnly on the "
+                f"{table.group(1).upper()} columns of powerschool-plugin/plugin.xml, approved in PowerSchool's "
+                "Plugin Management?")
         if answer.status_code == 404:
             raise SourceError(f"PowerSchool: {self.url}{path} was not found (HTTP 404) while reading {what}: "
                               "is [powerschool] url the PowerSchool server's address?")

@@ -28,7 +28,8 @@ own ``powerschool-plugin/plugin.xml``): a column not granted answers 403 with
 ``{"message": "No access to the field ...", "errors": [{"resource", "field", "code":
 "NoAccess"}]}`` (``forbidden_body`` gives other shapes: "message" alone, "qualified" with
 ``TABLE.COLUMN`` in ``field``, "error-message" naming it in an error's ``message``); an unknown
-column 400 ``Invalid field specified``.  The "minimum time interval
+column 400 ``Invalid field specified``; with ``hide_ungranted_tables`` a table the plugin has no
+column of answers 404 as an unknown table does.  The "minimum time interval
 between API requests per plugin" (``min_interval_ms``) answers 429 with ``Retry-After`` to a
 request that comes too soon.  Faults (``add_fault``): 5xx answers, a token that expires in the
 middle of a read (401), short pages, an HTML page instead of JSON, 429.  With
@@ -234,9 +235,12 @@ class _Tables:
             return "COALESCE(DCID, ID)" if has_dcid else "ID"
         return column.upper()
 
+    hide_ungranted_tables = False   # a table the plugin has no column of answers 404, as unknown
+
     def table(self, name: str) -> str:
         key = name.lower()
-        if key not in TABLES:
+        hidden = self.hide_ungranted_tables and not any(t == key for t, _ in self.grants)
+        if key not in TABLES or hidden:
             raise _Refused(_message(404, f"Database table specified by the URI not found: {name}"))
         return key
 
@@ -381,7 +385,7 @@ class PowerSchoolApiServer(Serving):
                  lone_record_as_object: bool = False, refusal_names_token: bool = False,
                  forbidden_body: str = "errors", null_as_empty: bool = False, number_style: str = "plain",
                  styled_columns: Iterable[str] | None = None, metadata_page_size: int | None = None,
-                 metadata_omits: Iterable[str] = ()):
+                 metadata_omits: Iterable[str] = (), hide_ungranted_tables: bool = False):
         self.client_id, self.client_secret = client_id, client_secret
         # A refused bearer token answered as an OAuth 2.0 resource server commonly does
         # (RFC 6750 "invalid_token", Spring Security's "Invalid access token: <token>"): the
@@ -395,6 +399,7 @@ class PowerSchoolApiServer(Serving):
         self._tables = _Tables(Path(database), self.grants, forbidden_body)
         self._tables.null_as_empty = null_as_empty
         self._tables.number_style = number_style
+        self._tables.hide_ungranted_tables = hide_ungranted_tables
         self._tables.styled_columns = None if styled_columns is None else frozenset(c.lower() for c in styled_columns)
         self.max_page_size = max_page_size
         # What the metadata says (by default the maximum the pages are cut at), and the keys it

@@ -451,6 +451,25 @@ def test_a_403_names_the_table_and_column_however_the_answer_words_it(sync, monk
     assert not sync.writes()
 
 
+def test_a_table_the_plugin_cannot_see_is_named_not_taken_for_a_wrong_url(sync, monkeypatch):
+    """A server that answers 404 for a table the plugin has no column of: the metadata was
+    read, so the url is right; the run names the table and the plugin (and --check too)."""
+    monkeypatch.setenv("POWERSCHOOL_CLIENT_ID", CLIENT_ID)
+    monkeypatch.setenv("POWERSCHOOL_CLIENT_SECRET", CLIENT_SECRET)
+    students(sync, 3)
+    with start_api(sync, hide_ungranted_tables=True) as server:
+        for column in ("id", "school_number", "name", "abbreviation", "state_excludefromreporting"):
+            server.revoke("schools", column)
+        sync.settings(api_settings(server))
+        run = sync.run("--all")
+        check = sync.run("--check")
+    for result in (run, check):
+        assert result.code == 2, result.output
+        assert "SCHOOLS" in result.output and "plugin" in result.output, result.output
+        assert "[powerschool] url" not in result.output, result.output
+    assert not sync.writes()
+
+
 def test_a_column_the_plugin_lacks_is_exit_2_naming_it(sync, api):
     students(sync, 3)
     api.revoke("students", "classof")
