@@ -5443,6 +5443,36 @@ def _stop_signals(halt: Halt) -> Iterator[None]:
             signal.signal(number, old if old is not None else signal.SIG_DFL)
 
 
+@contextlib.contextmanager
+def _stop_requests_interrupt() -> Iterator[None]:
+    """Outside the applying, a stop request (Ctrl-Break or the console closing, the task
+    ended: SIGBREAK, SIGTERM) ends the run as Ctrl-C does, so that the log, the email and
+    the exit code say "interrupted" instead of the process just vanishing mid-read.  While
+    changes are applied, _stop_signals takes over and finishes the changes under way.
+    Main thread only; the previous handlers come back afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(number: int, frame: Any) -> None:
+        name = signal.Signals(number).name
+        raise KeyboardInterrupt(_SIGNAL_NAMES.get(name, name))
+
+    previous = {}
+    for name in ("SIGBREAK", "SIGTERM"):  # SIGINT raises KeyboardInterrupt already
+        number = getattr(signal, name, None)
+        if number is not None:
+            try:
+                previous[number] = signal.signal(number, handler)
+            except (OSError, ValueError):
+                pass
+    try:
+        yield
+    finally:
+        for number, old in previous.items():
+            signal.signal(number, old if old is not None else signal.SIG_DFL)
+
+
 def _write_report_or_say(path: Path, outcomes: Sequence[Outcome], notices: Sequence[Notice],
                          unowned: Sequence[Account]) -> None:
     """Write the CSV report; a report that cannot be written (open in Excel, say) is logged
@@ -6257,17 +6287,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                   settings.path, " ".join(argv if argv is not None else sys.argv[1:]))
         task = (run_check if args.check else run_apply_plan if args.apply_plan
                 else run_undo if args.undo else run_sync)
-        if args.check or args.dry_run:  # changes nothing: no need to wait for another run
-            code = task(run)
-        else:
-            with RunLock(run.lock_path):
+        with _stop_requests_interrupt():
+            if args.check or args.dry_run:  # changes nothing: no need to wait for another run
                 code = task(run)
+            else:
+                with RunLock(run.lock_path):
+                    code = task(run)
     except StopRun as exc:
         log.error("%s", exc)
         code, fatal = exc.exit_code, str(exc)
-    except KeyboardInterrupt:  # outside the applying, where Ctrl-C is only a stop
-        log.error("interrupted (Ctrl-C)")
-        code, fatal = EXIT_INTERRUPTED, "interrupted (Ctrl-C)"
+    except KeyboardInterrupt as exc:  # outside the applying, where Ctrl-C is only a stop
+        fatal = f"interrupted ({exc.args[0] if exc.args and isinstance(exc.args[0], str) else 'Ctrl-C'})"
+        log.error("%s", fatal)
+        code = EXIT_INTERRUPTED
     except OSError as exc:  # the computer refused a file (a full disk, no rights): which, and to whom
         log.debug("the refusal in full:", exc_info=True)
         fatal = (f"the system refused a file operation to {account_name()}: {exc.strerror or type(exc).__name__}"

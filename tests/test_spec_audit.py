@@ -5,9 +5,13 @@ server and a SQLite PowerSchool (conftest.py) and asserts what an administrator 
 
 from __future__ import annotations
 
+import os
+import signal
+import time
+
 import pytest
 
-from conftest import WHS_9, email
+from conftest import email, email_settings
 from testkit import district
 
 
@@ -110,3 +114,52 @@ def test_ordinary_variable_names_are_still_accepted(sync, monkeypatch):
 
     assert result.code == 0, result.output
     assert sync.server.user(email(700202)) is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# SPEC 7: "Interrupted runs (Ctrl-C, the console closed, the task ended): ... the report,
+# summary and email say 'interrupted'".  A stop request while the run was still reading (most
+# of a large district's run) ended the process on the spot: no "interrupted" in the log or
+# the email, no exit code of the tool's.  Now it ends the run as Ctrl-C does.
+# ---------------------------------------------------------------------------------------------
+
+class ForeignStop(Exception):
+    """What this test's own SIGTERM handler raises: the tool must have replaced it."""
+
+
+@pytest.fixture
+def own_sigterm_handler():
+    def handler(signum, frame):
+        raise ForeignStop(signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    yield handler
+    signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_stop_request_while_reading_ends_the_run_as_interrupted_before_any_change(
+        sync, own_sigterm_handler, smtp):
+    sync.settings(email_settings(smtp.port))
+    for number in range(700301, 700311):
+        sync.student(number)
+    asked = []
+
+    def stop_while_listing(method, path):
+        if method == "GET" and path.endswith("/users") and not asked:
+            asked.append(1)
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.2)   # the main thread takes the signal while it waits for the listing
+        return None
+
+    sync.server.hook = stop_while_listing
+
+    result = sync.run("--all")
+
+    assert result.code == 130, result.output
+    assert "interrupted" in result.output and "SIGTERM" in result.output
+    assert signal.getsignal(signal.SIGTERM) is own_sigterm_handler   # given back
+    assert sync.writes() == []
+    [message] = smtp.messages
+    assert "interrupted" in message["Subject"] and "interrupted" in smtp.bodies()[0]
+    sync.server.hook = None
+    assert sync.run("--all").code == 0    # the lock was released
