@@ -17,27 +17,29 @@ that ``testkit.district`` builds (PowerSchool's table and column names):
   ``col==v;col=ge=v``...), ``sort`` and ``sortdescending``.  Answers
   ``{"name": "Students", "record": [{"id": 12, "name": "Students", "tables": {"students":
   {"student_number": "12345", ...}}, "@extensions": ""}]}``: column names in lower case, every
-  value a string (``number_style``: a NUMBER as ``"12345"``, ``"12345.0"`` or ``" 12345 "``, in
-  every column or in ``styled_columns``), NULL
-  columns left out (``null_as_empty``: sent as ``""``), a page past the end without ``record``.  Without
+  value a string, NULL columns left out, a page past the end without ``record``.  Without
   ``sort`` the order differs from request to request, as a database's unordered query may.
+  Variants: ``number_style`` writes a NUMBER as ``"12345.0"`` or ``" 12345 "`` (in every column,
+  or in ``styled_columns``); ``null_as_empty`` sends a NULL column as ``""``;
+  ``lone_record_as_object`` sends a page of one record as an object.
 - ``GET /ws/schema/table/{table}/{id}`` -- one row, ``{"id", "name", "tables"}``.
 
 The field access check reads the ``access_request`` of a plugin.xml (by default the project's
-own ``powerschool-plugin/plugin.xml``): a column not granted answers 403 with
-``{"message": "No access to the field ...", "errors": [{"resource", "field", "code":
-"NoAccess"}]}`` (``forbidden_body`` gives other shapes: "message" alone, "qualified" with
-``TABLE.COLUMN`` in ``field``, "error-message" naming it in an error's ``message``); an unknown
-column 400 ``Invalid field specified``; with ``hide_ungranted_tables`` a table the plugin has no
-column of answers 404 as an unknown table does.  The "minimum time interval
-between API requests per plugin" (``min_interval_ms``) answers 429 with ``Retry-After`` to a
-request that comes too soon.  Faults (``add_fault``): 5xx answers, a token that expires in the
-middle of a read (401), short pages, an HTML page instead of JSON, 429.  With
-``refusal_names_token`` a refused token is answered ``{"error": "invalid_token",
-"error_description": "Invalid access token: <token>"}``, the token repeated back, as OAuth 2.0
-resource servers commonly answer.  Every request is
-recorded (``requests``), with a ``time.monotonic()`` stamp, and ``latency_ms`` delays each
-answer (the benchmark).
+own ``powerschool-plugin/plugin.xml``): a column not granted (projected, sorted on or queried)
+answers 403 with ``{"message": "No access to the field ...", "errors": [{"resource", "field",
+"code": "NoAccess"}]}`` (``forbidden_body`` gives other shapes: "message" alone, "qualified"
+with ``TABLE.COLUMN`` in ``field``, "error-message" naming it in an error's ``message``); an
+unknown column 400 ``Invalid field specified``; with ``hide_ungranted_tables`` a table the
+plugin has no column of answers 404, as an unknown table does.
+
+The "minimum time interval between API requests per plugin" (``min_interval_ms``) answers 429
+with ``Retry-After`` to a request that comes too soon.  Faults (``add_fault``): 5xx answers, a
+token that expires in the middle of a read (401), short pages, an HTML page instead of JSON, a
+redirect to the sign-in page, 429.  With ``refusal_names_token`` a refused token is answered
+``{"error": "invalid_token", "error_description": "Invalid access token: <token>"}``, the token
+repeated back, as OAuth 2.0 resource servers commonly answer.  Every request is recorded
+(``requests``), with a ``time.monotonic()`` stamp, and ``latency_ms`` delays each answer (the
+benchmark).
 
     with PowerSchoolApiServer(path_to_sqlite, max_page_size=25) as ps:
         ps.url, ps.client_id, ps.client_secret
