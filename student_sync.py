@@ -915,7 +915,9 @@ def _account_settings(ac: Mapping[str, Any]) -> AccountSettings:
     return AccountSettings(
         new_password_env=ac["new_password_env"].strip(),
         change_password_at_next_login=ac["change_password_at_next_login"],
-        graduated_school_name=ac["graduated_school_name"].strip(),
+        # Spaced as PowerSchool's school names are read (trimmed, inner spaces collapsed),
+        # so that a doubled space in either never makes graduates look enrolled.
+        graduated_school_name=_clean_spaces(ac["graduated_school_name"]),
         graduated_active_summer=ac["graduated_active_summer"],
         no_grade_ou_schools=frozenset(ac["no_grade_ou_schools"]),
         remove_groups_on_suspend=ac["remove_groups_on_suspend"],

@@ -163,3 +163,23 @@ def test_a_stop_request_while_reading_ends_the_run_as_interrupted_before_any_cha
     assert "interrupted" in message["Subject"] and "interrupted" in smtp.bodies()[0]
     sync.server.hook = None
     assert sync.run("--all").code == 0    # the lock was released
+
+
+# ---------------------------------------------------------------------------------------------
+# SPEC 3: graduated when "the school's NAME equals accounts.graduated_school_name
+# (case-insensitive, trimmed)".  PowerSchool's names are read with inner spaces collapsed; the
+# setting was only trimmed, so a doubled space in it matched no school at all and the
+# Graduated Students school's students looked enrolled.  Both sides are now spaced alike.
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("setting", ["graduated  students", " Graduated Students ", "GRADUATED\tSTUDENTS"])
+def test_the_graduated_school_name_matches_however_it_is_spaced(sync, setting):
+    sync.settings({"accounts": {"graduated_school_name": setting}})
+    sync.student(700401, school=999999, class_of=2025)
+    sync.account(700401)
+
+    result = sync.run("--all", "--as-of", "2026-11-02")
+
+    assert result.code == 0, result.output
+    user = sync.server.user(email(700401))
+    assert (user["suspended"], user["orgUnitPath"]) == (True, district.GRADUATED_OU)
