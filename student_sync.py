@@ -1415,6 +1415,7 @@ class PowerSchoolApi:
         self._local = threading.local()
         self._sessions: list[Any] = []
         self._token: str | None = None
+        self._token_path = "/oauth/access_token"
         self._tokens_seen: set[str] = set()     # never quoted back from an error answer
         self._expires_at: float | None = None
         self._token_lock = threading.Lock()
@@ -1479,8 +1480,8 @@ class PowerSchoolApi:
 
     def _new_token(self) -> None:
         """POST /oauth/access_token with the plugin's client ID and secret (HTTP Basic)."""
-        url = self.url + "/oauth/access_token"
         for attempt in range(_API_ATTEMPTS):
+            url = self.url + self._token_path
             self._pacer.wait()
             self._count_request()
             try:
@@ -1493,6 +1494,11 @@ class PowerSchoolApi:
                     raise self._unreachable(exc) from None
                 time.sleep(self._backoff(attempt))
                 continue
+            if answer.status_code == 404 and self._token_path == "/oauth/access_token":
+                # PowerSchool's pages write the endpoint with and without its final slash; a
+                # server may route only the other spelling.
+                self._token_path = "/oauth/access_token/"
+                continue
             if answer.status_code >= 500 or answer.status_code == 429:
                 if attempt + 1 < _API_ATTEMPTS:
                     time.sleep(self._asked_wait(answer, "/oauth/access_token") or self._backoff(attempt))
@@ -1503,7 +1509,7 @@ class PowerSchoolApi:
         if answer.status_code in (400, 401, 403):
             raise SourceError(f"PowerSchool refused the plugin's client ID and secret (HTTP "
                               f"{answer.status_code}: {self._message(answer)}): {refused}")
-        body = self._json(answer, "/oauth/access_token", "a token")
+        body = self._json(answer, self._token_path, "a token")
         token = body.get("access_token") if isinstance(body, dict) else None
         if isinstance(body, dict) and body.get("error") and not token:  # an OAuth error, sent with 200
             raise SourceError(f"PowerSchool refused the plugin's client ID and secret ({self._message(answer)}): "

@@ -7,7 +7,9 @@ that ``testkit.district`` builds (PowerSchool's table and column names):
 - ``POST /oauth/access_token`` -- client credentials in HTTP Basic, form body
   ``grant_type=client_credentials``; answers ``{"access_token", "token_type": "Bearer",
   "expires_in": "<seconds, as a string>"}``.  A token lives ``token_lifetime`` seconds; asking
-  again while it lives gives the same token (PowerSchool does the same).
+  again while it lives gives the same token (PowerSchool does the same).  ``token_path``
+  serves it at one spelling only (``/oauth/access_token/``, as some of PowerSchool's pages
+  write it).
 - ``GET /ws/v1/metadata`` -- ``{"metadata": {..., "schema_table_query_max_page_size": N}}``
   (``metadata_page_size`` makes it say another N than the pages are cut at, ``metadata_omits``
   leaves keys out).
@@ -387,7 +389,8 @@ class PowerSchoolApiServer(Serving):
                  lone_record_as_object: bool = False, refusal_names_token: bool = False,
                  forbidden_body: str = "errors", null_as_empty: bool = False, number_style: str = "plain",
                  styled_columns: Iterable[str] | None = None, metadata_page_size: int | None = None,
-                 metadata_omits: Iterable[str] = (), hide_ungranted_tables: bool = False):
+                 metadata_omits: Iterable[str] = (), hide_ungranted_tables: bool = False,
+                 token_path: str | None = None):
         self.client_id, self.client_secret = client_id, client_secret
         # A refused bearer token answered as an OAuth 2.0 resource server commonly does
         # (RFC 6750 "invalid_token", Spring Security's "Invalid access token: <token>"): the
@@ -404,6 +407,9 @@ class PowerSchoolApiServer(Serving):
         self._tables.hide_ungranted_tables = hide_ungranted_tables
         self._tables.styled_columns = None if styled_columns is None else frozenset(c.lower() for c in styled_columns)
         self.max_page_size = max_page_size
+        # The token endpoint answers at /oauth/access_token with or without the final slash;
+        # `token_path` makes it answer at that one spelling only (404 elsewhere).
+        self.token_path = token_path
         # What the metadata says (by default the maximum the pages are cut at), and the keys it
         # leaves out: a metadata that disagrees with the server, or says nothing, is met too.
         self.metadata_page_size = metadata_page_size
@@ -493,7 +499,7 @@ class PowerSchoolApiServer(Serving):
 
     def _route(self, method: str, path: str, query: dict[str, str], headers: dict[str, str],
                body: bytes) -> _Answer:
-        if path.rstrip("/") == "/oauth/access_token":
+        if path == self.token_path if self.token_path else path.rstrip("/") == "/oauth/access_token":
             if method != "POST":
                 return _message(405, "Method Not Allowed")
             return self._fault_answer(self._take_fault(path, query)) or self._token(headers, body)

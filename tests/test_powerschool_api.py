@@ -71,6 +71,22 @@ def test_an_api_run_creates_the_accounts_of_the_students_it_reads(sync, api):
     assert sync.server.user(email(numbers[0]))["orgUnitPath"] == WHS_9
 
 
+def test_a_token_endpoint_served_only_with_its_final_slash_is_found(sync, monkeypatch):
+    """PowerSchool's pages write the token endpoint both as /oauth/access_token and as
+    /oauth/access_token/: a server routing only the second is met after one 404."""
+    monkeypatch.setenv("POWERSCHOOL_CLIENT_ID", CLIENT_ID)
+    monkeypatch.setenv("POWERSCHOOL_CLIENT_SECRET", CLIENT_SECRET)
+    numbers = students(sync, 6)
+    with start_api(sync, token_path="/oauth/access_token/", token_lifetime=1) as server:
+        sync.settings(api_settings(server, max_requests_per_second=8))
+        result = sync.run("--all")
+        tokens = [(r.path, r.status) for r in server.requests if r.path.startswith("/oauth/")]
+    assert result.code == 0, result.output
+    assert all(sync.server.user(email(n)) for n in numbers)
+    assert tokens[0] == ("/oauth/access_token", 404)
+    assert tokens[1:] and all(t == ("/oauth/access_token/", 200) for t in tokens[1:])   # renewals too
+
+
 def test_the_read_is_token_metadata_count_then_pages_with_projection_and_sort(sync, api):
     students(sync, 12)
     assert sync.run("--all", "--dry-run").code == 0
