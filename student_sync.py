@@ -1736,12 +1736,17 @@ class PowerSchoolApi:
                 except BaseException:
                     pool.shutdown(wait=False, cancel_futures=True)  # no new page after a stop
                     raise
+            if len(results[-1]) >= self.page_size:
+                # A full last page: only the page after it tells a count lower than the table
+                # (a stale count), which would otherwise leave rows unread, and a student whose
+                # active row is one of them would be weighed on the rest.
+                results.append(self.page(table, columns, pages + 1, self.page_size))
             rows = [pair for result in results for pair in result]
             # Record ids find a row read twice (pages that overlap); an id left empty, or 0
             # for every row, says nothing, and only the count is checked.
             keys = [key for key, _ in rows if key not in (None, "", "0", "null")]
             if len(rows) == expected and len(set(keys)) == len(keys):
-                log.debug("PowerSchool: %d %s rows in %d pages", expected, table.upper(), pages)
+                log.debug("PowerSchool: %d %s rows in %d pages", expected, table.upper(), len(results))
                 return [values for _, values in rows]
             log.warning("PowerSchool: read %d %s rows (%d distinct) where the API counts %d%s",
                         len(rows), table.upper(), len(set(keys)) if keys else len(rows), expected,

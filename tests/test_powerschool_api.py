@@ -332,6 +332,34 @@ def test_a_short_read_twice_stops_the_run_before_any_change(sync, api):
     assert not any(sync.server.user(email(n))["suspended"] for n in numbers)
 
 
+def test_a_count_lower_than_the_table_is_found_by_the_page_after_a_full_last_page(sync, api, monkeypatch):
+    """A stale count that is a whole number of pages would leave the last rows unread: here
+    the active row of a student who moved to WHS, whose row at LMS says transferred out."""
+    numbers = students(sync, 9)
+    for number in numbers:
+        sync.account(number)
+    sync.student(40100, status=2, school=102)           # row 10: left LMS
+    sync.student(40100, status=0, school=101)           # row 11: active at WHS
+    sync.account(40100)
+    original = _Tables.count
+    monkeypatch.setattr(_Tables, "count", lambda self, table, q: original(self, table, q) - (table == "students"))
+    sync.server.clear_requests()
+    result = sync.run("--all")
+    assert result.code == 2, result.output
+    assert re.search(r"11 STUDENTS rows where it counts 10", result.output), result.output
+    assert not sync.writes()
+    assert not sync.server.user(email(40100))["suspended"]
+    assert sorted(r.query.get("page") for r in student_pages(api)) == ["1", "1", "2", "2", "3", "3"]
+
+
+def test_a_full_last_page_costs_one_empty_page_more(sync, api):
+    numbers = students(sync, 10)
+    result = sync.run("--all")
+    assert result.code == 0, result.output
+    assert all(sync.server.user(email(n)) for n in numbers)
+    assert sorted(r.query.get("page") for r in student_pages(api)) == ["1", "2", "3"]
+
+
 def test_429_with_retry_after_is_honoured(sync, api):
     numbers = students(sync, 6)
     api.add_fault("429", r"/students$", page=2, retry_after="1")
