@@ -1783,9 +1783,13 @@ def open_powerschool_api(settings: Settings) -> PowerSchoolApi:
 
 
 def _api_flag(value: Any) -> bool:
-    """STATE_EXCLUDEFROMREPORTING from the API: a JSON true or false, else as the SQL weighs it."""
+    """STATE_EXCLUDEFROMREPORTING from the API: a JSON true or false, or that written as text
+    ("false": a boolean the server renders, never a number the database holds), else as the
+    SQL weighs it."""
     if isinstance(value, bool):
         return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
     return excluded_from_reporting(value)
 
 
@@ -5007,7 +5011,11 @@ def send_summary_email(settings: Settings, subject: str, body: str) -> None:
                               name="email", daemon=True)
     sender.start()
     try:
-        sender.join(deadline)
+        # In short waits, not one long one: a Ctrl-C that the system hands to another thread
+        # would otherwise wait for the deadline before the main thread saw it.
+        end = time.monotonic() + deadline
+        while sender.is_alive() and time.monotonic() < end:
+            sender.join(min(0.2, max(0.0, end - time.monotonic())))
     except KeyboardInterrupt:  # Ctrl-C: hang up, so that the abandoned send ends too
         for smtp in connection:
             _hang_up(smtp)

@@ -285,15 +285,19 @@ def test_null_columns_sent_as_empty_text_give_what_sqlite_gives(sync, monkeypatc
     assert any("CLASSOF is empty" in n["message"] for n in from_api["notices"]), from_api["notices"]
 
 
-def test_a_lenient_reading_of_other_answer_shapes(sync, api, monkeypatch):
-    """Ids as text, table names in capitals, numbers as JSON numbers: all read alike."""
+@pytest.mark.parametrize("flag", [lambda v: v == 1, lambda v: "true" if v == 1 else "false",
+                                  lambda v: " True" if v == 1 else "FALSE "],
+                         ids=["json-boolean", "boolean-text", "boolean-text-any-case"])
+def test_a_lenient_reading_of_other_answer_shapes(sync, api, monkeypatch, flag):
+    """Ids as text, table names in capitals, numbers as JSON numbers, the 0/1 flag as a
+    boolean (JSON or text): all read alike."""
     original = _Tables.record
 
     def other_shape(self, table, columns, row):
         record = original(self, table, columns, row)
         values = {k: (int(v) if v.lstrip("-").isdigit() else v) for k, v in record["tables"][table].items()}
-        if "state_excludefromreporting" in values:  # a JSON boolean for the 0/1 column
-            values["state_excludefromreporting"] = values["state_excludefromreporting"] == 1
+        if "state_excludefromreporting" in values:  # a boolean for the 0/1 column
+            values["state_excludefromreporting"] = flag(values["state_excludefromreporting"])
         return {"id": str(record["id"]), "name": table.upper(), "tables": {table.upper(): values}}
 
     numbers = students(sync, 7)
