@@ -3165,6 +3165,17 @@ def decide_all(rows: Iterable[StudentRow], settings: Settings, today: dt.date, s
         weighable = [r for r in student_rows if r.school is not None or _as_int(r.school_id) is None]
         decision, said = decide(weighable, settings, today)
         notices.extend(said)
+        if decision is not None and not decision.should_be_active:
+            # Yet PowerSchool enrolls the student at a school it has no row for: that is doubt
+            # enough not to suspend (a building's run never suspends a student active elsewhere).
+            unknown = sorted({_as_int(r.school_id) for r in student_rows if r.school is None
+                              and _as_int(r.school_id) is not None and _as_int(r.enroll_status) in (0, -1)})
+            if unknown:
+                notices.append(Notice(Level.ERROR, str(number), decision.email, (
+                    f"not suspended: enrolled (ENROLL_STATUS 0 or -1) at school {', '.join(map(str, unknown))}, "
+                    "which has no SCHOOLS row; add the school to SCHOOLS or end that enrollment in "
+                    "PowerSchool; nothing changed")))
+                continue
         if decision is not None:
             decisions[_key(decision.email)] = decision
     return Decisions(by_email=MappingProxyType(decisions), notices=tuple(notices))

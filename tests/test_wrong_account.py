@@ -23,6 +23,7 @@ exit codes and log lines.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -462,3 +463,28 @@ def test_an_assign_answered_that_another_sku_is_held_fails_the_student_not_done(
     assert result.code == 1, result.output
     assert "another sku" in result.output
     assert not licensing.holds(email(500903), PLUS)
+
+
+# ---------------------------------------------------------------------------------------------
+# Enrolled at a school PowerSchool has no SCHOOLS row for
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scope", [("--all",), ("--building", "101")])
+def test_a_student_enrolled_at_a_school_without_a_schools_row_is_not_suspended(sync, scope):
+    """Rows at a school with no SCHOOLS row belong to no scope, but an enrollment there is
+    doubt enough: the student fails loudly and keeps the account as it is."""
+    sync.student(500501, status=2, school=101)           # transferred out of WHS
+    sync.student(500501, status=0, school=555)           # enrolled at school 555: no SCHOOLS row
+    sync.account(500501)
+    sync.student(500502, status=2, school=101)           # transferred out, enrolled nowhere
+    sync.student(500502, status=2, school=555)
+    sync.account(500502)
+    sync.server.clear_requests()
+    result = sync.run(*scope)
+    assert result.code == 1, result.output
+    assert re.search(r"500501.*not suspended: enrolled .* at school 555, which has no SCHOOLS row", result.output), \
+        result.output
+    assert sync.server.user(email(500501))["suspended"] is False
+    assert sync.server.user(email(500501))["orgUnitPath"] == WHS_9
+    assert sync.server.user(email(500502))["suspended"] is True       # the rule still holds without doubt
