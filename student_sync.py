@@ -4787,8 +4787,13 @@ def _silence_stdout() -> Any:
     return devnull
 
 
+# A line the command was asked for (a dry run's plan and its summary): on the console even
+# with -q, which quiets what a run says along the way, not what it was run to show.
+ASKED_FOR = {"asked_for": True}
+
+
 def setup_logging(verbosity: int) -> logging.Handler:
-    """Console logging: -q warnings only, default info, -v debug."""
+    """Console logging: -q warnings (and the lines asked for) only, default info, -v debug."""
     level = {-1: logging.WARNING, 0: logging.INFO}.get(verbosity, logging.DEBUG)
     try:  # a console or a redirected file in a narrow code page must not lose a line over one name
         sys.stdout.reconfigure(errors="backslashreplace")
@@ -4796,7 +4801,7 @@ def setup_logging(verbosity: int) -> logging.Handler:
         pass
     handler = _ConsoleHandler(sys.stdout)
     handler.setFormatter(_ConsoleFormatter())
-    handler.setLevel(level)
+    handler.addFilter(lambda record: record.levelno >= level or getattr(record, "asked_for", False))
     for old in [h for h in log.handlers if getattr(h, "_student_sync", False)]:
         log.removeHandler(old)
     handler._student_sync = True  # type: ignore[attr-defined]
@@ -5573,7 +5578,7 @@ def _finish(run: Run, outcomes: Sequence[Outcome], notices: Sequence[Notice], un
     for notice in notices:
         if notice.level == Level.ERROR:
             run.failures_to_email.append(f"student {notice.student_number} ({notice.email}): {notice.message}")
-    log.info("%s", run.summary.text())
+    log.info("%s", run.summary.text(), extra=ASKED_FOR if dry_run else None)
     if run.halt.reason is not None:
         return run.halt.reason.exit_code
     return EXIT_FAILURES if run.summary.failures else EXIT_OK
@@ -5794,7 +5799,7 @@ def _preview(changes: Sequence[Change]) -> list[Outcome]:
     """A dry run's outcomes: every change printed, none sent."""
     for change in changes:
         verbs = "+".join("update attributes" if label == "attributes" else label for label in change.labels)
-        log.info("would %s: %s (%s)", verbs, change.email, change.describe())
+        log.info("would %s: %s (%s)", verbs, change.email, change.describe(), extra=ASKED_FOR)
     return [Outcome(c, Status.PLANNED) for c in changes]
 
 

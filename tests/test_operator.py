@@ -478,3 +478,17 @@ def test_leading_zero_address_is_nobodys_account(sync):
     assert result.code == 0, result.output
     assert "01002@d118.org" in result.output
     assert sync.writes() == []
+
+
+def test_quiet_dry_run_still_prints_the_plan_and_its_summary(sync):
+    """-q quiets what a run says along the way, not the plan a dry run is asked to show."""
+    sync.student(1001)                                    # would be created
+    sync.student(1002, status=2)                          # would be suspended
+    sync.account(1002)
+    result = sync.run("--all", "--dry-run", "-q")
+    assert result.code == 0, result.output
+    assert re.search(r"would create: 1001@d118\.org", result.output), result.output
+    assert re.search(r"would suspend\S*: 1002@d118\.org", result.output), result.output
+    assert "summary (planned)" in result.output
+    assert "PowerSchool:" not in result.output            # the lines along the way stay quiet
+    assert not sync.writes()
