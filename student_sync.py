@@ -330,6 +330,17 @@ def _clean_spaces(value: Any) -> str:
     return " ".join(text.split())
 
 
+# Python turns text of more digits than this into a number only by raising ValueError (its
+# guard against slow conversions, 4300 digits); no real column holds that many.
+_LONGEST_DIGIT_TEXT = 4000
+
+
+def _digit_text(text: str) -> bool:
+    """Is `text` ASCII digits, perhaps after a minus, and short enough for int(text)?"""
+    digits = text[1:] if text[:1] == "-" else text
+    return digits.isascii() and digits.isdigit() and len(digits) <= _LONGEST_DIGIT_TEXT
+
+
 def _whole_number(value: Any) -> int | None:
     """A whole number from an int, integral float or finite integral Decimal; else None
     (a bool, text or anything else is not a number here)."""
@@ -340,7 +351,8 @@ def _whole_number(value: Any) -> int | None:
     if isinstance(value, float):
         return int(value) if value.is_integer() else None
     if isinstance(value, decimal.Decimal):
-        return int(value) if value.is_finite() and value == value.to_integral_value() else None
+        return (int(value) if value.is_finite() and value.adjusted() < _LONGEST_DIGIT_TEXT  # not 1e5000
+                and value == value.to_integral_value() else None)
     return None
 
 
@@ -348,9 +360,10 @@ def _as_int(value: Any) -> int | None:
     """A whole number from an int, integral float or Decimal, or numeric ASCII text; else None."""
     if isinstance(value, (str, bytes)):
         text = value.decode() if isinstance(value, bytes) else value
-        digits = text[1:] if text[:1] == "-" else text
-        if digits.isascii() and digits.isdigit():  # the usual "12345" or "-1", without Decimal's cost
+        if _digit_text(text):  # the usual "12345" or "-1", without Decimal's cost
             return int(text)
+        if len(text) > _LONGEST_DIGIT_TEXT:  # no number: a corrupt value, bad data for its row
+            return None
         if not text.isascii():  # Decimal reads other scripts' digits (Arabic-Indic 101); the SQL does not
             return None
         try:
@@ -364,7 +377,7 @@ def as_student_number(value: Any) -> int | None:
     """A STUDENT_NUMBER: text of digits only, or an integral number (Oracle's NUMBER as int,
     float or Decimal); anything else (`5e5`, `+500008`, ` 500007 `) is None."""
     if isinstance(value, str):
-        return int(value) if value.isascii() and value.isdigit() else None
+        return int(value) if _digit_text(value) and value[:1] != "-" else None
     return _whole_number(value)
 
 
@@ -1354,8 +1367,7 @@ def _api_value(column: str, value: Any) -> Any:
         # Read as the rules read STUDENT_NUMBER text (as_student_number: digits only; a
         # NUMBER column's "-5" too): " 12345", "1e3" or "12345.0" stay text, a bad number
         # for that row, never a row of another student.
-        digits = value[1:] if value.startswith("-") else value
-        return int(value) if digits.isascii() and digits.isdigit() else value
+        return int(value) if _digit_text(value) else value
     number = _as_int(value)
     return number if number is not None else value
 

@@ -165,6 +165,32 @@ def test_a_student_number_that_is_not_only_digits_is_bad_data_for_that_row(sync,
     no_traceback(result.output)
 
 
+HUGE = "9" * 5000   # more digits than Python turns text into a number at once (4300)
+
+
+@pytest.mark.parametrize("column, value, code, created", [
+    ("number", HUGE, 1, False),        # no student number: that row fails
+    ("grade", HUGE, 1, False),         # no grade of the grades table: that student fails
+    ("class_of", HUGE, 0, True),       # not a year: created without one, with a warning
+    ("class_of", "1e5000", 0, True),
+    ("school", HUGE, 0, False),        # no school of the district: no row of the scope
+    ("status", HUGE, 1, False),        # no enrollment status: that student fails
+], ids=["number", "grade", "class_of", "class_of-1e5000", "school", "status"])
+def test_a_number_column_of_thousands_of_digits_is_bad_data_for_that_row(sync, column, value, code, created):
+    """A corrupt export's endless digits are bad data for one row (as any other non-number),
+    never a run that ends 'unexpected error' for every student."""
+    row = {"number": 1002, "first": "Zed", "last": "Zulu", column: value}
+    sync.student(**row)
+    sync.student(1001)                                    # a good row: still created
+
+    result = sync.run("--all")
+
+    assert result.code == code, result.output
+    assert sync.server.user(email(1001)) is not None
+    assert (sync.server.user(email(1002)) is not None) == created
+    no_traceback(result.output)
+
+
 def test_integral_numbers_and_digit_text_are_student_numbers(sync):
     sync.student(500001)                                  # Oracle NUMBER
     sync.student(500002.0)                                # a NUMBER read as a float

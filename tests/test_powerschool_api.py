@@ -246,6 +246,25 @@ def test_odd_values_read_through_the_api_give_what_sqlite_gives(sync, monkeypatc
     assert from_api["code"] == 1
 
 
+def test_thousands_of_digits_read_through_the_api_give_what_sqlite_gives(sync, monkeypatch):
+    """A corrupt column of endless digits is bad data for its row through the API too, never
+    an 'unexpected error' (Python turns no more than 4300 digits of text into a number)."""
+    huge = "9" * 5000
+    sync.student(huge)                                     # STUDENT_NUMBER
+    sync.student(50011, status=huge)
+    sync.student(50012, class_of=huge)
+    sync.student(50013, class_of="1e5000")
+    sync.student(50014)
+    from_sqlite = _plan_of(sync, "sqlite")
+    monkeypatch.setenv("POWERSCHOOL_CLIENT_ID", CLIENT_ID)
+    monkeypatch.setenv("POWERSCHOOL_CLIENT_SECRET", CLIENT_SECRET)
+    with start_api(sync) as server:
+        sync.settings(api_settings(server))
+        from_api = _plan_of(sync, "api")
+    assert from_api == from_sqlite
+    assert from_api["code"] == 1 and len(from_api["changes"]) == 3
+
+
 @pytest.mark.parametrize("style", ["decimal", "padded"])
 def test_numbers_written_as_12345_0_or_padded_give_what_sqlite_gives(sync, monkeypatch, style):
     """SCHOOLID, GRADE_LEVEL, ENROLL_STATUS, CLASSOF, SCHOOL_NUMBER and the 0/1 flag may come as
