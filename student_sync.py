@@ -1716,14 +1716,16 @@ class PowerSchoolApi:
         tables = record.get("tables") if isinstance(record, dict) else None
         if not isinstance(tables, dict):
             raise SourceError(f"PowerSchool: a {table.upper()} record without tables: {str(record)[:100]}")
-        values = next((v for k, v in tables.items() if str(k).lower() == table), None)
+        values = tables.get(table)  # the usual spelling first: this runs once a row
+        if values is None:
+            values = next((v for k, v in tables.items() if str(k).lower() == table), None)
         if values is None and len(tables) == 1:
             values = next(iter(tables.values()))
         if not isinstance(values, dict):
             raise SourceError(f"PowerSchool: a {table.upper()} record without its columns: {str(record)[:100]}")
-        row = {str(k).lower(): v for k, v in values.items()}
         key = record.get("id")
-        return (str(key) if key is not None else None), {c: _api_value(c, row.get(c)) for c in row}
+        return (str(key) if key is not None else None), {
+            (column := str(k).lower()): _api_value(column, v) for k, v in values.items()}
 
     def read_table(self, table: str) -> list[dict[str, Any]]:
         """Every row of `table` (the columns student_sync reads), checked against the count
