@@ -1735,6 +1735,9 @@ class PowerSchoolApi:
             expected = self.count(table)
             first = self.page(table, columns, 1, self.page_size)
             if 0 < len(first) < min(self.page_size, expected):
+                # Asked once more, so that one short answer does not shrink every page after it.
+                first = self.page(table, columns, 1, self.page_size)
+            if 0 < len(first) < min(self.page_size, expected):
                 # The server cuts its pages smaller than the metadata said (or than the default
                 # when it said nothing): the rest is asked in pages of the size it serves.
                 log.warning("PowerSchool: the API answers pages of %d %s rows, not %d; reading pages of %d",

@@ -780,9 +780,23 @@ def test_pages_smaller_than_the_metadata_says_are_read_whole(sync, monkeypatch, 
         pages = student_pages(server)
     assert result.code == 0, result.output
     assert all(sync.server.user(email(n)) for n in numbers)
-    assert sorted(int(r.query["page"]) for r in pages) == [1, 2, 3]
+    assert sorted(int(r.query["page"]) for r in pages) == [1, 1, 2, 3]   # the short first page asked twice
     assert [int(r.query["pagesize"]) for r in pages if r.query["page"] != "1"] == [5, 5]
     assert re.search(r"pages? of 5", result.output), result.output
+
+
+def test_one_short_first_page_does_not_shrink_the_pages_after_it(sync, api):
+    """A first page that comes back short once (4 of its 5 rows dropped) is asked again; the
+    rest is read in pages of the size the metadata gives, not of 1."""
+    numbers = students(sync, 12)
+    api.add_fault("short", r"/students$", page=1, drop=4)
+    result = sync.run("--all")
+    assert result.code == 0, result.output
+    assert all(sync.server.user(email(n)) for n in numbers)
+    pages = student_pages(api)
+    assert sorted(int(r.query["page"]) for r in pages) == [1, 1, 2, 3]
+    assert {int(r.query["pagesize"]) for r in pages} == {5}
+    assert "answers pages of" not in result.output
 
 
 def test_tokens_that_run_out_during_a_long_read_are_renewed(sync, monkeypatch):
