@@ -5465,25 +5465,15 @@ _SIGNAL_NAMES = {"SIGINT": "Ctrl-C", "SIGBREAK": "Ctrl-Break or the console clos
 
 
 @contextlib.contextmanager
-def _stop_signals(halt: Halt) -> Iterator[None]:
-    """While changes are applied, Ctrl-C -- and Ctrl-Break, a closing console window or a
-    stop request, where Python can catch them -- stop handing out changes instead of
-    ending the run in the middle of one; a second one changes nothing.  Handlers can only
-    be set on the main thread; the previous ones come back afterwards."""
+def _signal_handlers(names: Iterable[str], handler: Callable[[int, Any], None]) -> Iterator[None]:
+    """`handler` for each of the named signals this platform has (SIGBREAK is Windows's
+    only), while the block runs.  Handlers can only be set on the main thread; the previous
+    ones come back afterwards."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-
-    def handler(number: int, frame: Any) -> None:
-        name = _SIGNAL_NAMES.get(signal.Signals(number).name, signal.Signals(number).name)
-        if halt.stop(StopReason.INTERRUPTED, f"interrupted ({name}): no new change was started, the ones "
-                     "under way finished and are in the journal"):
-            log.warning("%s: finishing the changes under way, then stopping", name)
-        else:
-            log.warning("%s again: still finishing the changes under way, so that the journal has them", name)
-
     previous = {}
-    for name in _SIGNAL_NAMES:  # SIGBREAK exists on Windows only
+    for name in names:
         number = getattr(signal, name, None)
         if number is not None:
             try:
@@ -5498,33 +5488,34 @@ def _stop_signals(halt: Halt) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def _stop_signals(halt: Halt) -> Iterator[None]:
+    """While changes are applied, Ctrl-C -- and Ctrl-Break, a closing console window or a
+    stop request, where Python can catch them -- stop handing out changes instead of
+    ending the run in the middle of one; a second one changes nothing."""
+    def handler(number: int, frame: Any) -> None:
+        name = _SIGNAL_NAMES.get(signal.Signals(number).name, signal.Signals(number).name)
+        if halt.stop(StopReason.INTERRUPTED, f"interrupted ({name}): no new change was started, the ones "
+                     "under way finished and are in the journal"):
+            log.warning("%s: finishing the changes under way, then stopping", name)
+        else:
+            log.warning("%s again: still finishing the changes under way, so that the journal has them", name)
+
+    with _signal_handlers(_SIGNAL_NAMES, handler):
+        yield
+
+
+@contextlib.contextmanager
 def _stop_requests_interrupt() -> Iterator[None]:
     """Outside the applying, a stop request (Ctrl-Break or the console closing, the task
     ended: SIGBREAK, SIGTERM) ends the run as Ctrl-C does, so that the log, the email and
     the exit code say "interrupted" instead of the process just vanishing mid-read.  While
-    changes are applied, _stop_signals takes over and finishes the changes under way.
-    Main thread only; the previous handlers come back afterwards."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
+    changes are applied, _stop_signals takes over and finishes the changes under way."""
     def handler(number: int, frame: Any) -> None:
         name = signal.Signals(number).name
         raise KeyboardInterrupt(_SIGNAL_NAMES.get(name, name))
 
-    previous = {}
-    for name in ("SIGBREAK", "SIGTERM"):  # SIGINT raises KeyboardInterrupt already
-        number = getattr(signal, name, None)
-        if number is not None:
-            try:
-                previous[number] = signal.signal(number, handler)
-            except (OSError, ValueError):
-                pass
-    try:
+    with _signal_handlers(("SIGBREAK", "SIGTERM"), handler):  # SIGINT raises KeyboardInterrupt already
         yield
-    finally:
-        for number, old in previous.items():
-            signal.signal(number, old if old is not None else signal.SIG_DFL)
 
 
 def _write_report_or_say(path: Path, outcomes: Sequence[Outcome], notices: Sequence[Notice],

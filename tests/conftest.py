@@ -280,6 +280,16 @@ def run_id_of(result) -> str:
     return match.group(2)
 
 
+def run_with(sync, settings: Path, *arguments: str) -> Result:
+    """A run of `sync` with another settings file (sharing its logs folder, say)."""
+    saved = sync.settings_path
+    sync.settings_path = settings
+    try:
+        return sync.run(*arguments)
+    finally:
+        sync.settings_path = saved
+
+
 def counts_file(sync) -> Path:
     settings = student_sync.load_settings(sync.settings_path)
     return logs(sync) / f"school_counts-{settings.instance}.json"

@@ -177,6 +177,16 @@ def _plan_of(sync, name: str, *arguments: str) -> dict:
             "active": document["active_students"], "scope": document["scope"], "code": result.code}
 
 
+def _plans_from_sqlite_and_api(sync, monkeypatch, **server_options: Any) -> tuple[dict, dict]:
+    """The same district's plan read from the SQLite copy, then through the API over it."""
+    from_sqlite = _plan_of(sync, "sqlite")
+    monkeypatch.setenv("POWERSCHOOL_CLIENT_ID", CLIENT_ID)
+    monkeypatch.setenv("POWERSCHOOL_CLIENT_SECRET", CLIENT_SECRET)
+    with start_api(sync, **server_options) as server:
+        sync.settings(api_settings(server))
+        return from_sqlite, _plan_of(sync, "api")
+
+
 class DemoDistrict:
     """testkit's sample district (the demo's), run through the command line like `sync`."""
 
@@ -236,12 +246,7 @@ def test_odd_values_read_through_the_api_give_what_sqlite_gives(sync, monkeypatc
     sync.student(50007, last=None)                         # NULL name: cannot create
     sync.student(50008, status=2)                          # not active
     sync.account(50008)
-    from_sqlite = _plan_of(sync, "sqlite")
-    monkeypatch.setenv("POWERSCHOOL_CLIENT_ID", CLIENT_ID)
-    monkeypatch.setenv("POWERSCHOOL_CLIENT_SECRET", CLIENT_SECRET)
-    with start_api(sync) as server:
-        sync.settings(api_settings(server))
-        from_api = _plan_of(sync, "api")
+    from_sqlite, from_api = _plans_from_sqlite_and_api(sync, monkeypatch)
     assert from_api == from_sqlite
     assert from_api["code"] == 1
 
@@ -255,12 +260,7 @@ def test_thousands_of_digits_read_through_the_api_give_what_sqlite_gives(sync, m
     sync.student(50012, class_of=huge)
     sync.student(50013, class_of="1e5000")
     sync.student(50014)
-    from_sqlite = _plan_of(sync, "sqlite")
-    monkeypatch.setenv("POWERSCHOOL_CLIENT_ID", CLIENT_ID)
-    monkeypatch.setenv("POWERSCHOOL_CLIENT_SECRET", CLIENT_SECRET)
-    with start_api(sync) as server:
-        sync.settings(api_settings(server))
-        from_api = _plan_of(sync, "api")
+    from_sqlite, from_api = _plans_from_sqlite_and_api(sync, monkeypatch)
     assert from_api == from_sqlite
     assert from_api["code"] == 1 and len(from_api["changes"]) == 3
 
@@ -275,13 +275,8 @@ def test_numbers_written_as_12345_0_or_padded_give_what_sqlite_gives(sync, monke
         sync.student(number, school=101 if number % 2 else 102, grade=9 if number % 2 else 7)
     sync.student(50030, status=2)
     sync.account(50030)
-    from_sqlite = _plan_of(sync, "sqlite")
-    monkeypatch.setenv("POWERSCHOOL_CLIENT_ID", CLIENT_ID)
-    monkeypatch.setenv("POWERSCHOOL_CLIENT_SECRET", CLIENT_SECRET)
     styled = ["schoolid", "grade_level", "enroll_status", "classof", "school_number", "state_excludefromreporting"]
-    with start_api(sync, number_style=style, styled_columns=styled) as server:
-        sync.settings(api_settings(server))
-        from_api = _plan_of(sync, "api")
+    from_sqlite, from_api = _plans_from_sqlite_and_api(sync, monkeypatch, number_style=style, styled_columns=styled)
     assert from_api == from_sqlite
     assert len(from_api["changes"]) >= 6
 
@@ -294,12 +289,7 @@ def test_null_columns_sent_as_empty_text_give_what_sqlite_gives(sync, monkeypatc
     sync.student(50007, last=None)                         # NULL name: cannot create
     sync.student(50009, grade=None)                        # NULL GRADE_LEVEL
     sync.student(50010)
-    from_sqlite = _plan_of(sync, "sqlite")
-    monkeypatch.setenv("POWERSCHOOL_CLIENT_ID", CLIENT_ID)
-    monkeypatch.setenv("POWERSCHOOL_CLIENT_SECRET", CLIENT_SECRET)
-    with start_api(sync, null_as_empty=True) as server:
-        sync.settings(api_settings(server))
-        from_api = _plan_of(sync, "api")
+    from_sqlite, from_api = _plans_from_sqlite_and_api(sync, monkeypatch, null_as_empty=True)
     assert from_api == from_sqlite
     assert any("CLASSOF is empty" in n["message"] for n in from_api["notices"]), from_api["notices"]
 

@@ -21,7 +21,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import email, email_settings, logs, run_id_of, withdrawn
+from conftest import email, email_settings, logs, run_id_of, run_with, withdrawn
 from test_windows import windows  # noqa: F401 - the Windows branch, as a fixture
 import student_sync
 from testkit import district
@@ -40,15 +40,6 @@ def other_settings(sync, **overrides: dict) -> Path:
     for section, keys in overrides.items():
         sections.setdefault(section, {}).update(keys)
     return district.write_settings(folder / "student_sync.toml", sync.server.url, sections)
-
-
-def run_with(sync, settings: Path, *arguments: str):
-    saved = sync.settings_path
-    sync.settings_path = settings
-    try:
-        return sync.run(*arguments)
-    finally:
-        sync.settings_path = saved
 
 
 def mark_of(settings: Path) -> str:

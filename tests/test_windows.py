@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PASSWORD, WHS_9, TokenEndpoint, email, serve_token_endpoint
+from conftest import PASSWORD, WHS_9, TokenEndpoint, email, run_with, serve_token_endpoint
 import student_sync
 from testkit import district
 
@@ -790,15 +790,6 @@ def second_district(sync, keep: int) -> Path:
                                    {"logging": {"dir": str(logs(sync)), "keep": keep},
                                     "powerschool": {"sqlite": str(sync.ps.path)}})
     return path
-
-
-def run_with(sync, settings: Path, *arguments: str):
-    saved = sync.settings_path
-    sync.settings_path = settings
-    try:
-        return sync.run(*arguments)
-    finally:
-        sync.settings_path = saved
 
 
 def test_settings_files_sharing_a_logs_folder_each_keep_their_own_logs_and_journals(sync):
