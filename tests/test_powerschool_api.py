@@ -8,11 +8,12 @@ the accounts' end state.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import socket
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 
@@ -37,14 +38,21 @@ def start_api(sync, **options: Any) -> PowerSchoolApiServer:
                                 client_secret=CLIENT_SECRET, **options).start()
 
 
-@pytest.fixture
-def api(sync, monkeypatch):
+@contextlib.contextmanager
+def serving(sync, monkeypatch, settings: dict | None = None, **options: Any) -> Iterator[PowerSchoolApiServer]:
+    """The local PowerSchool API with these options, the plugin's client ID and secret in the
+    environment, and settings that read it (with `settings` among [powerschool]'s keys)."""
     monkeypatch.setenv("POWERSCHOOL_CLIENT_ID", CLIENT_ID)
     monkeypatch.setenv("POWERSCHOOL_CLIENT_SECRET", CLIENT_SECRET)
-    server = start_api(sync)
-    sync.settings(api_settings(server))
-    yield server
-    server.stop()
+    with start_api(sync, **options) as server:
+        sync.settings(api_settings(server, **(settings or {})))
+        yield server
+
+
+@pytest.fixture
+def api(sync, monkeypatch):
+    with serving(sync, monkeypatch) as server:
+        yield server
 
 
 def students(sync, count: int = 12, school: int = 101) -> list[int]:
@@ -74,11 +82,9 @@ def test_an_api_run_creates_the_accounts_of_the_students_it_reads(sync, api):
 def test_a_token_endpoint_served_only_with_its_final_slash_is_found(sync, monkeypatch):
     """PowerSchool's pages write the token endpoint both as /oauth/access_token and as
     /oauth/access_token/: a server routing only the second is met after one 404."""
-    monkeypatch.setenv("POWERSCHOOL_CLIENT_ID", CLIENT_ID)
-    monkeypatch.setenv("POWERSCHOOL_CLIENT_SECRET", CLIENT_SECRET)
     numbers = students(sync, 6)
-    with start_api(sync, token_path="/oauth/access_token/", token_lifetime=1) as server:
-        sync.settings(api_settings(server, max_requests_per_second=8))
+    with serving(sync, monkeypatch, settings=dict(max_requests_per_second=8),
+                 token_path="/oauth/access_token/", token_lifetime=1) as server:
         result = sync.run("--all")
         tokens = [(r.path, r.status) for r in server.requests if r.path.startswith("/oauth/")]
     assert result.code == 0, result.output
@@ -180,10 +186,7 @@ def _plan_of(sync, name: str, *arguments: str) -> dict:
 def _plans_from_sqlite_and_api(sync, monkeypatch, **server_options: Any) -> tuple[dict, dict]:
     """The same district's plan read from the SQLite copy, then through the API over it."""
     from_sqlite = _plan_of(sync, "sqlite")
-    monkeypatch.setenv("POWERSCHOOL_CLIENT_ID", CLIENT_ID)
-    monkeypatch.setenv("POWERSCHOOL_CLIENT_SECRET", CLIENT_SECRET)
-    with start_api(sync, **server_options) as server:
-        sync.settings(api_settings(server))
+    with serving(sync, monkeypatch, **server_options) as server:
         return from_sqlite, _plan_of(sync, "api")
 
 
@@ -384,11 +387,8 @@ def test_429_with_retry_after_is_honoured(sync, api):
 
 
 def test_the_request_interval_of_the_server_is_respected(sync, monkeypatch):
-    monkeypatch.setenv("POWERSCHOOL_CLIENT_ID", CLIENT_ID)
-    monkeypatch.setenv("POWERSCHOOL_CLIENT_SECRET", CLIENT_SECRET)
     numbers = students(sync, 12)
-    with start_api(sync, min_interval_ms=100) as server:
-        sync.settings(api_settings(server, max_requests_per_second=4))
+    with serving(sync, monkeypatch, settings=dict(max_requests_per_second=4), min_interval_ms=100) as server:
         result = sync.run("--all")
     assert result.code == 0, result.output
     assert all(sync.server.user(email(n)) for n in numbers)
@@ -439,11 +439,8 @@ def test_a_token_endpoint_asking_for_a_longer_wait_than_a_run_can_give_stops(syn
 def test_a_page_holding_one_record_as_an_object_is_read_as_one_record(sync, monkeypatch):
     """A lone record may come as an object rather than a one-item list (JSON converted from
     XML does that): the last page of 11 students in pages of 5 holds one."""
-    monkeypatch.setenv("POWERSCHOOL_CLIENT_ID", CLIENT_ID)
-    monkeypatch.setenv("POWERSCHOOL_CLIENT_SECRET", CLIENT_SECRET)
     numbers = students(sync, 11)
-    with start_api(sync, lone_record_as_object=True) as server:
-        sync.settings(api_settings(server))
+    with serving(sync, monkeypatch, lone_record_as_object=True) as server:
         result = sync.run("--all")
     assert result.code == 0, result.output
     assert all(sync.server.user(email(n)) for n in numbers)
@@ -471,11 +468,8 @@ def test_a_refusal_that_repeats_the_token_never_puts_it_in_the_output_or_log(syn
     """An OAuth resource server may answer a refused token with the token in its error text
     ("invalid_token", "Invalid access token: <token>"): the run quotes the server, never a
     token (nor the client secret)."""
-    monkeypatch.setenv("POWERSCHOOL_CLIENT_ID", CLIENT_ID)
-    monkeypatch.setenv("POWERSCHOOL_CLIENT_SECRET", CLIENT_SECRET)
     students(sync, 6)
-    with start_api(sync, refusal_names_token=True) as server:
-        sync.settings(api_settings(server))
+    with serving(sync, monkeypatch, refusal_names_token=True) as server:
         server.add_fault("expire", r"/students$", times=20)
         result = sync.run("--all")
         tokens = list(server.issued_tokens)
@@ -493,12 +487,9 @@ def test_a_refusal_that_repeats_the_token_never_puts_it_in_the_output_or_log(syn
 def test_a_403_names_the_table_and_column_however_the_answer_words_it(sync, monkeypatch, body):
     """The field may come in errors[].field (bare or TABLE.COLUMN), in the message alone, or
     in an error's own message: the run and --check name STUDENTS.CLASSOF, exactly."""
-    monkeypatch.setenv("POWERSCHOOL_CLIENT_ID", CLIENT_ID)
-    monkeypatch.setenv("POWERSCHOOL_CLIENT_SECRET", CLIENT_SECRET)
     students(sync, 3)
-    with start_api(sync, forbidden_body=body) as server:
+    with serving(sync, monkeypatch, forbidden_body=body) as server:
         server.revoke("students", "classof")
-        sync.settings(api_settings(server))
         run = sync.run("--all")
         check = sync.run("--check")
     assert run.code == 2 and check.code == 2
@@ -511,13 +502,10 @@ def test_a_403_names_the_table_and_column_however_the_answer_words_it(sync, monk
 def test_a_table_the_plugin_cannot_see_is_named_not_taken_for_a_wrong_url(sync, monkeypatch):
     """A server that answers 404 for a table the plugin has no column of: the metadata was
     read, so the url is right; the run names the table and the plugin (and --check too)."""
-    monkeypatch.setenv("POWERSCHOOL_CLIENT_ID", CLIENT_ID)
-    monkeypatch.setenv("POWERSCHOOL_CLIENT_SECRET", CLIENT_SECRET)
     students(sync, 3)
-    with start_api(sync, hide_ungranted_tables=True) as server:
+    with serving(sync, monkeypatch, hide_ungranted_tables=True) as server:
         for column in ("id", "school_number", "name", "abbreviation", "state_excludefromreporting"):
             server.revoke("schools", column)
-        sync.settings(api_settings(server))
         run = sync.run("--all")
         check = sync.run("--check")
     for result in (run, check):
@@ -733,11 +721,8 @@ def test_the_api_reader_gives_the_rows_and_schools_the_sql_gives(tmp_path, monke
 def test_a_server_stricter_than_the_settings_is_met_after_a_few_refusals(sync, monkeypatch):
     """The server's minimum interval (200 ms) is wider than max_requests_per_second allows for
     (20 a second): its 429s are waited out, the spacing widens, and the read completes."""
-    monkeypatch.setenv("POWERSCHOOL_CLIENT_ID", CLIENT_ID)
-    monkeypatch.setenv("POWERSCHOOL_CLIENT_SECRET", CLIENT_SECRET)
     numbers = students(sync, 12)
-    with start_api(sync, min_interval_ms=200) as server:
-        sync.settings(api_settings(server, max_requests_per_second=20))
+    with serving(sync, monkeypatch, settings=dict(max_requests_per_second=20), min_interval_ms=200) as server:
         result = sync.run("--all")
         refused = server.count(r"^/ws/", status=429)
     assert result.code == 0, result.output
@@ -761,11 +746,8 @@ def test_pages_smaller_than_the_metadata_says_are_read_whole(sync, monkeypatch, 
     """Metadata without schema_table_query_max_page_size (pages of 100 asked), or saying more
     than the server cuts its pages at (5): the first page tells the real size, every row is
     read in pages of that size, nothing is read twice."""
-    monkeypatch.setenv("POWERSCHOOL_CLIENT_ID", CLIENT_ID)
-    monkeypatch.setenv("POWERSCHOOL_CLIENT_SECRET", CLIENT_SECRET)
     numbers = students(sync, 12)
-    with start_api(sync, **metadata) as server:
-        sync.settings(api_settings(server))
+    with serving(sync, monkeypatch, **metadata) as server:
         result = sync.run("--all")
         pages = student_pages(server)
     assert result.code == 0, result.output
@@ -791,11 +773,8 @@ def test_one_short_first_page_does_not_shrink_the_pages_after_it(sync, api):
 
 def test_tokens_that_run_out_during_a_long_read_are_renewed(sync, monkeypatch):
     """Tokens that live 1 s, a read of about 2 s: every page is read, no student is lost."""
-    monkeypatch.setenv("POWERSCHOOL_CLIENT_ID", CLIENT_ID)
-    monkeypatch.setenv("POWERSCHOOL_CLIENT_SECRET", CLIENT_SECRET)
     numbers = students(sync, 40)
-    with start_api(sync, token_lifetime=1) as server:
-        sync.settings(api_settings(server, max_requests_per_second=8))
+    with serving(sync, monkeypatch, settings=dict(max_requests_per_second=8), token_lifetime=1) as server:
         result = sync.run("--all")
         tokens = server.count(r"^/oauth/access_token$", status=200)
     assert result.code == 0, result.output
